@@ -1,0 +1,80 @@
+"""The ``realscore`` command line: one entry point, a subcommand per job.
+
+Commands that need the model import ``worker`` lazily, so ``realscore submit`` and
+``realscore backfill`` work on a machine installed without the ``worker`` extra.
+Exit codes: 0 done (even when some images are error results), 1 runtime failure, 2 usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from shared.settings import SettingsError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration: printed as one line, exit code 2."""
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    """Handler living in ``module.run(args)``, imported only when its command runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            target = importlib.import_module(module)
+        except ImportError as error:
+            raise UsageError(
+                f"this command needs the worker extra: pip install 'realscore[worker]' ({error})"
+            ) from None
+        return int(target.run(args))
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realscore", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    score = commands.add_parser("score", help="score images in-process (no broker), JSON lines out")
+    score.add_argument("uris", nargs="+", metavar="URI", help="path, file:// or s3:// URI")
+    score.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    score.set_defaults(handler=_delegate("worker.embedded"))
+
+    worker = commands.add_parser(
+        "worker", help="run a Celery worker (extra arguments go to celery)", add_help=True
+    )
+    worker.add_argument(
+        "--gpus", default=None, help="one worker process per GPU: '0,1' or 'all'"
+    )
+    worker.set_defaults(handler=_delegate("worker.run_worker"), passthrough=True)
+
+    submit = commands.add_parser("submit", help="score through the queue, JSON lines out")
+    submit.add_argument("uris", nargs="+", metavar="URI")
+    submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait in all")
+    submit.set_defaults(handler=_delegate("shared.submit_command"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return args.handler(args)
+    except (UsageError, SettingsError) as error:
+        print(f"realscore {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""All configuration, read once from ``REALSCORE_*`` environment variables.
+
+One pydantic-settings class serves the web backend, the worker and the command line, so a value
+means the same thing everywhere. A bad value stops start-up with one line naming the variable
+(:func:`load_settings` turns pydantic's report into :class:`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "REALSCORE_"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot run with; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every ``REALSCORE_*`` variable, with defaults for one machine with Redis on localhost."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Broker and results.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/0"
+    result_expires: int = Field(86_400, ge=60, description="seconds a result stays in the backend")
+    visibility_timeout: int = Field(
+        900, ge=10, description="seconds before Redis redelivers an unacknowledged message"
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="deliveries of one task before giving up")
+
+    # Model.
+    model: str = "openai/clip-vit-large-patch14"
+    head_weights: Path = Path("weights/modelo_final.pth")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    # Batching and worker threads.
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    concurrency: int | None = Field(
+        None, ge=1, le=4096, description="task threads; default 4 x MAX_BATCH_SIZE"
+    )
+    max_pending_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="decoded pixels in flight per worker process, in bytes"
+    )
+
+    # Inputs.
+    local_roots: list[Path] = Field(default_factory=list)
+    max_image_bytes: int = Field(50 << 20, ge=1)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    fetch_timeout: float = Field(30.0, gt=0)
+    s3_endpoint_url: str | None = None
+
+    # Verdicts.
+    threshold: float = Field(0.0, ge=-1.0, le=1.0)
+    high_score_means: Literal["real", "ai"] = "real"
+
+    # Operations.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_known(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def task_concurrency(self) -> int:
+        """Task threads per worker process: each in-flight image holds one."""
+        return self.concurrency or 4 * self.max_batch_size
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{ENV_PREFIX}{field.upper()}: {first['msg']}{more}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus ``overrides``); raise :class:`SettingsError` on a bad value."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(_one_line(error)) from None
+    except ValueError as error:  # pydantic-settings' own JSON parsing of list variables
+        raise SettingsError(str(error).splitlines()[0]) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return load_settings()

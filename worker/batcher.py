@@ -1,0 +1,149 @@
+"""The in-process dynamic batcher: many task threads submit items, one thread runs the model.
+
+A batch closes when it holds ``max_batch_size`` items or ``max_wait`` has passed since its oldest
+item arrived (the pattern of Triton's dynamic batcher and Ray Serve's ``@serve.batch``). Two lanes:
+interactive items are always taken before bulk ones, so a single web request never waits behind a
+prefetched backfill chunk. An exception in a forward pass fails only that batch's items.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Generic, TypeVar
+
+from worker import metrics
+
+log = logging.getLogger(__name__)
+Item = TypeVar("Item")
+Output = TypeVar("Output")
+
+
+class Lane(IntEnum):
+    INTERACTIVE = 0
+    BULK = 1
+
+
+class BatcherStopped(RuntimeError):
+    """Submitted after :meth:`DynamicBatcher.stop`."""
+
+
+@dataclass
+class _Pending(Generic[Item, Output]):
+    item: Item
+    lane: Lane
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    on_done: Callable[[], None] | None = None
+
+
+class DynamicBatcher(Generic[Item, Output]):
+    """``forward(list of items) -> list of outputs, same order`` run in batches on one thread."""
+
+    def __init__(
+        self,
+        forward: Callable[[list[Item]], Sequence[Output]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        name: str = "realscore-batcher",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._forward = forward
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._lanes: tuple[deque[_Pending], deque[_Pending]] = (deque(), deque())
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.batches_run = 0
+
+    def start(self) -> DynamicBatcher[Item, Output]:
+        self._thread.start()
+        return self
+
+    def submit(
+        self,
+        item: Item,
+        lane: Lane = Lane.INTERACTIVE,
+        on_done: Callable[[], None] | None = None,
+    ) -> Future:
+        """Queue ``item``; the future resolves to its output. ``on_done`` runs after its batch."""
+        pending: _Pending[Item, Output] = _Pending(item, lane, on_done=on_done)
+        with self._cond:
+            if self._stopping:
+                raise BatcherStopped("the batcher is stopping")
+            self._lanes[lane].append(pending)
+            self._cond.notify()
+        return pending.future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish everything already queued (the batch in flight included), then stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._lanes[0]) + len(self._lanes[1])
+
+    def _queued(self) -> int:
+        return len(self._lanes[0]) + len(self._lanes[1])
+
+    def _oldest(self) -> float:
+        return min(lane[0].enqueued for lane in self._lanes if lane)
+
+    def _take_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._queued() > 0 or self._stopping)
+            if not self._queued():
+                return None  # stopping and drained
+            deadline = self._oldest() + self.max_wait_s
+            while self._queued() < self.max_batch_size and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[_Pending] = []
+            for lane in self._lanes:  # interactive first
+                while lane and len(batch) < self.max_batch_size:
+                    batch.append(lane.popleft())
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            if live:
+                self._run_batch(live)
+            for pending in batch:
+                if pending.on_done is not None:
+                    pending.on_done()
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        for pending in batch:
+            metrics.QUEUE_WAIT.labels(pending.lane.name.lower()).observe(started - pending.enqueued)
+        try:
+            outputs = list(self._forward([p.item for p in batch]))
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(batch)} items")
+        except BaseException as error:  # noqa: BLE001 - one bad batch must not stop the worker
+            log.exception("forward pass failed for a batch of %d", len(batch))
+            for pending in batch:
+                pending.future.set_exception(error)
+            return
+        finally:
+            self.batches_run += 1
+            metrics.BATCH_SIZE.observe(len(batch))
+            metrics.FORWARD_TIME.observe(time.monotonic() - started)
+        for pending, output in zip(batch, outputs):
+            pending.future.set_result(output)

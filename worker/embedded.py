@@ -1,0 +1,48 @@
+"""``realscore score URI...``: the embedded mode, no broker: load the model, score, print JSON lines.
+
+It trusts every local path its own user names (``LOCAL_ROOTS`` is the worker's policy), and each
+``uri`` field echoes the input as given, while relative paths are read from the working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from shared.cli import EXIT_OK, UsageError
+from shared.settings import get_settings
+from worker.loader import ModelLoadError, load_model
+from worker.service import ScoringService
+
+
+def _readable(uri: str) -> str:
+    """Relative paths become absolute; URIs and absolute paths pass through."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return os.path.abspath(uri)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    try:
+        loaded = load_model(
+            settings.model, settings.head_weights, device=settings.device, dtype=settings.dtype
+        )
+    except ModelLoadError as error:
+        raise UsageError(str(error)) from None
+    service = ScoringService(
+        loaded, settings, local_roots=None, max_batch_size=args.batch_size
+    ).start()
+    try:
+        results = service.score_uris([_readable(uri) for uri in args.uris])
+    finally:
+        service.stop()
+    for given, result in zip(args.uris, results):
+        result["uri"] = given
+        sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK

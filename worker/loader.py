@@ -1,0 +1,173 @@
+"""Builds the ready-to-serve model: tower from the hub id or a local dir, head from a weights file.
+
+Tower weights inside the checkpoint override the pretrained ones when they differ (a fine-tuned
+tower). The ``model`` string every result carries names the tower, a short hash of the head, and a
+hash of the tower when it came from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionModel
+
+from worker.model import RealScoreModel
+from worker.preprocess import Preprocessing
+from worker.weights import Checkpoint, WeightsError, read_checkpoint, tensors_sha256
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be served as configured; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    model: RealScoreModel
+    preprocessing: Preprocessing
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    tower_name: str
+    head_metadata: dict[str, str] = field(default_factory=dict)
+
+    @torch.inference_mode()
+    def score(self, pixel_values: torch.Tensor) -> list[float]:
+        """Scores for a CPU batch (N, 3, H, W) of preprocessed pixels."""
+        pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        return self.model(pixels).tolist()
+
+    @torch.inference_mode()
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled tower features (N, hidden) on the CPU, float32."""
+        pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        return self.model.features(pixels).float().cpu()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"REALSCORE_DEVICE={name} but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"REALSCORE_DEVICE={name} but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def load_tower(name_or_dir: str) -> CLIPVisionModel:
+    """The pretrained CLIP vision tower, float32 on the CPU, with SDPA attention."""
+    try:
+        return CLIPVisionModel.from_pretrained(
+            name_or_dir, attn_implementation="sdpa", dtype=torch.float32
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load CLIP tower {name_or_dir!r}: {error}") from None
+
+
+def _apply_head(model: RealScoreModel, checkpoint: Checkpoint, tower_name: str) -> None:
+    weight = checkpoint.head["linear.weight"]
+    if weight.shape[-1] != model.hidden_size:
+        raise WeightsError(
+            f"{checkpoint.path}: head linear.weight has shape {list(weight.shape)} but tower "
+            f"{tower_name} has hidden size {model.hidden_size} (expects [1, {model.hidden_size}])"
+        )
+    model.linear.load_state_dict(
+        {"weight": checkpoint.head["linear.weight"], "bias": checkpoint.head["linear.bias"]}
+    )
+
+
+def tower_differs(tower: CLIPVisionModel, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds any tower weight unlike the pretrained one (a fine-tuned tower)."""
+    current = tower.state_dict()
+    for key, tensor in state.items():
+        if key not in current:
+            raise WeightsError(f"checkpoint tower key {key!r} does not exist in the CLIP tower")
+        if current[key].shape != tensor.shape:
+            raise WeightsError(
+                f"checkpoint tower weight {key} has shape {list(tensor.shape)} but the tower "
+                f"expects {list(current[key].shape)}"
+            )
+        if not torch.equal(current[key], tensor.to(current[key].dtype)):
+            return True
+    return False
+
+
+def check_metadata(metadata: dict[str, str], tower: CLIPVisionModel, tower_name: str) -> None:
+    """Refuse a self-describing head made for another tower."""
+    hidden = metadata.get("hidden_size")
+    if hidden is not None and int(hidden) != int(tower.config.hidden_size):
+        raise WeightsError(
+            f"head was made for hidden size {hidden}, tower {tower_name} has "
+            f"{tower.config.hidden_size}"
+        )
+    made_for = metadata.get("tower")
+    if made_for and made_for != tower_name and not (Path(made_for).exists() or Path(tower_name).exists()):
+        raise WeightsError(f"head was made for tower {made_for}, but REALSCORE_MODEL={tower_name}")
+
+
+def model_id(tower_name: str, head_sha: str, tower_sha: str | None = None) -> str:
+    ident = f"{tower_name}+head:{head_sha[:12]}"
+    return f"{ident}+tower:{tower_sha[:12]}" if tower_sha else ident
+
+
+def build_model(
+    tower_name: str,
+    checkpoint: Checkpoint,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    dropout: float = 0.35,
+) -> LoadedModel:
+    """Tower + checkpoint -> an eval-mode model on ``device`` in ``dtype`` (head kept float32)."""
+    target = resolve_device(device)
+    precision = resolve_dtype(dtype, target)
+    tower = load_tower(tower_name)
+    check_metadata(checkpoint.metadata, tower, tower_name)
+    tower_sha = None
+    if checkpoint.tower and tower_differs(tower, checkpoint.tower):
+        tower.load_state_dict(checkpoint.tower, strict=False)
+        tower_sha = tensors_sha256(checkpoint.tower)
+        log.info("using the fine-tuned tower weights from %s", checkpoint.path)
+    model = RealScoreModel(tower, dropout=dropout)
+    _apply_head(model, checkpoint, tower_name)
+    model.eval()
+    model.clip_encoder.to(target, precision)
+    model.linear.to(target)
+    return LoadedModel(
+        model=model,
+        preprocessing=Preprocessing.from_pretrained(tower_name),
+        model_id=model_id(tower_name, checkpoint.head_sha, tower_sha),
+        device=target,
+        dtype=precision,
+        tower_name=tower_name,
+        head_metadata=dict(checkpoint.metadata),
+    )
+
+
+def load_model(
+    tower_name: str,
+    head_weights: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> LoadedModel:
+    """Read ``head_weights`` and build the model; every failure is a :class:`ModelLoadError`."""
+    try:
+        return build_model(tower_name, read_checkpoint(head_weights), device=device, dtype=dtype)
+    except WeightsError as error:
+        raise ModelLoadError(str(error)) from None

@@ -1,0 +1,29 @@
+"""Prometheus metrics of one worker process, served when ``REALSCORE_METRICS_PORT`` is set."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+BATCH_SIZE = Histogram(
+    "realscore_batch_size",
+    "Images per forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+QUEUE_WAIT = Histogram(
+    "realscore_queue_wait_seconds",
+    "Time an image waited in the batcher before its forward pass",
+    ["lane"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+FORWARD_TIME = Histogram(
+    "realscore_forward_seconds",
+    "Duration of one forward pass",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+IMAGES_SCORED = Counter("realscore_images_scored_total", "Images scored successfully")
+ERRORS = Counter("realscore_errors_total", "Images that became error results", ["code"])
+
+
+def serve(port: int) -> None:
+    """Expose ``/metrics`` on ``port`` from a daemon thread."""
+    start_http_server(port)

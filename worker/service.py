@@ -1,0 +1,141 @@
+"""One image's whole path, shared by the Celery tasks, the embedded CLI and ``evaluate``:
+
+    URI -> bytes (sources) -> RGB (decode) -> pixels (preprocess) -> batcher -> score -> result
+
+Fetch, decode and preprocessing run on the calling thread (I/O and Pillow release the GIL), so the
+batcher thread only ever runs the model. Every failure becomes an error result for that image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.errors import ErrorCode, ScoringError
+from shared.results import ResultFactory, Result
+from shared.settings import Settings
+from worker import decode, metrics
+from worker.batcher import DynamicBatcher, Lane
+from worker.budget import ByteBudget
+from worker.loader import LoadedModel
+from worker.sources import Sources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image ready for the model."""
+
+    pixels: torch.Tensor
+    sha256: str
+
+
+def verdict_rule(settings: Settings, head_metadata: dict[str, str]) -> tuple[float, str]:
+    """Threshold and polarity: the environment wins, then the head's own metadata, then defaults."""
+    explicit = settings.model_fields_set
+    threshold = settings.threshold
+    if "threshold" not in explicit and "threshold" in head_metadata:
+        threshold = float(head_metadata["threshold"])
+    means = settings.high_score_means
+    if "high_score_means" not in explicit and head_metadata.get("high_score_means") in ("real", "ai"):
+        means = head_metadata["high_score_means"]  # type: ignore[assignment]
+    return threshold, means
+
+
+class ScoringService:
+    """Owns the batcher, the sources and the pixel budget of one process."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: Settings,
+        *,
+        local_roots: Sequence[Path] | None = (),
+        max_batch_size: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        threshold, means = verdict_rule(settings, loaded.head_metadata)
+        self.results = ResultFactory(loaded.model_id, threshold, means)  # type: ignore[arg-type]
+        threads = threads or settings.task_concurrency
+        self.sources = Sources(
+            local_roots=local_roots,
+            max_bytes=settings.max_image_bytes,
+            timeout=settings.fetch_timeout,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            max_pool_connections=max(threads, 10),
+        )
+        self.budget = ByteBudget(settings.max_pending_bytes)
+        self.batcher: DynamicBatcher[torch.Tensor, float] = DynamicBatcher(
+            self._forward,
+            max_batch_size=max_batch_size or settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+        )
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="realscore-fetch")
+
+    def start(self) -> ScoringService:
+        self.batcher.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish the queued work, then stop the batcher thread."""
+        self.batcher.stop()
+        self._pool.shutdown(wait=True)
+
+    def _forward(self, items: list[torch.Tensor]) -> list[float]:
+        return self.loaded.score(torch.stack(items))
+
+    def prepare(self, uri: object) -> Prepared:
+        """Fetch, decode and preprocess one image (on the calling thread)."""
+        data = self.sources.fetch(uri)
+        sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            image = decode.open_image(data, max_pixels=self.settings.max_image_pixels)
+            with self.budget.hold(decode.decoded_bytes_estimate(image)):
+                pixels = self.loaded.preprocessing(decode.to_rgb(image))
+        except ScoringError as error:
+            error.sha256 = sha256  # type: ignore[attr-defined]
+            raise
+        return Prepared(pixels, sha256)
+
+    def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
+        """One result, never an exception."""
+        started = time.monotonic()
+        sha256 = None
+        try:
+            prepared = self.prepare(uri)
+            sha256 = prepared.sha256
+            taken = self.budget.acquire(prepared.pixels.numel() * prepared.pixels.element_size())
+            future = self.batcher.submit(
+                prepared.pixels, lane, on_done=lambda: self.budget.release(taken)
+            )
+            score = future.result()
+        except Exception as error:  # noqa: BLE001 - every failure is a per-image result
+            sha256 = sha256 or getattr(error, "sha256", None)
+            result = self.results.from_exception(
+                uri, error, sha256=sha256, elapsed_ms=_ms_since(started)
+            )
+            code = result["error"]["code"] if result["error"] else ErrorCode.INTERNAL.value
+            metrics.ERRORS.labels(code).inc()
+            if code == ErrorCode.INTERNAL.value:
+                log.error("internal error scoring %r: %s", uri, result["error"])
+            return result
+        metrics.IMAGES_SCORED.inc()
+        return self.results.ok(uri, score, sha256=sha256, elapsed_ms=_ms_since(started))  # type: ignore[arg-type]
+
+    def score_uris(self, uris: Sequence[object], lane: Lane = Lane.INTERACTIVE) -> list[Result]:
+        """Results in input order; the images are fetched in parallel and batched together."""
+        return list(self._pool.map(lambda uri: self.score_uri(uri, lane), uris))
+
+
+def _ms_since(started: float) -> float:
+    return (time.monotonic() - started) * 1000

@@ -1,0 +1,196 @@
+"""URI -> bytes, for local files and S3, with the path policy, a size cap and one overall deadline.
+
+Size limits are enforced while reading (an object is never read whole to learn it is too big) and
+the deadline is checked by our own read loop: botocore's timeouts apply per socket read and
+multiply with its retries, and Celery's time limits do nothing in the thread pool. A stalled read
+can overrun the deadline by at most one socket timeout (``min(FETCH_TIMEOUT, 5 s)``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+from shared.errors import ErrorCode, ScoringError
+
+CHUNK_BYTES = 1 << 20
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId"}
+
+
+@dataclass(frozen=True)
+class LocalRef:
+    path: str
+
+
+@dataclass(frozen=True)
+class S3Ref:
+    bucket: str
+    key: str
+
+
+def parse_uri(uri: object) -> LocalRef | S3Ref:
+    """``file:///abs``, ``/abs`` or ``s3://bucket/key``; anything else is an error code."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ScoringError(ErrorCode.BAD_URI, f"URI must be a non-empty string, got {uri!r}")
+    if "\x00" in uri:
+        raise ScoringError(ErrorCode.BAD_URI, "URI contains a NUL byte")
+    if uri.startswith("/"):
+        return LocalRef(uri)
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ScoringError(ErrorCode.BAD_URI, f"file URIs need an absolute path: {uri}")
+        return LocalRef(unquote(parts.path))
+    if scheme == "s3":
+        key = uri[len("s3://") + len(parts.netloc) + 1 :] if uri[:5].lower() == "s3://" else ""
+        if not parts.netloc or not key:
+            raise ScoringError(ErrorCode.BAD_URI, f"expected s3://bucket/key, got {uri}")
+        return S3Ref(parts.netloc, key)
+    if scheme and len(scheme) > 1:  # one letter would be a Windows drive, i.e. a relative path
+        raise ScoringError(
+            ErrorCode.UNSUPPORTED_SCHEME, f"scheme {scheme!r} is not served (file, s3)"
+        )
+    raise ScoringError(ErrorCode.BAD_URI, f"expected an absolute path, file:// or s3:// URI: {uri}")
+
+
+def _read_capped(stream: BinaryIO, max_bytes: int, deadline: float, what: str) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: not read within the deadline")
+        chunk = stream.read(CHUNK_BYTES)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > max_bytes:
+            raise ScoringError(
+                ErrorCode.TOO_LARGE,
+                f"{what}: over {max_bytes} bytes (REALSCORE_MAX_IMAGE_BYTES)",
+            )
+        chunks.append(chunk)
+
+
+class Sources:
+    """Fetches image bytes. One instance per process: its S3 client is thread-safe and pooled."""
+
+    def __init__(
+        self,
+        *,
+        local_roots: Sequence[Path] | None,
+        max_bytes: int,
+        timeout: float,
+        s3_endpoint_url: str | None = None,
+        max_pool_connections: int = 64,
+    ) -> None:
+        # None trusts every path (the embedded CLI); a list, even empty, is the worker's policy.
+        self.local_roots = None if local_roots is None else [Path(r).resolve() for r in local_roots]
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self._s3_endpoint_url = s3_endpoint_url
+        self._max_pool_connections = max_pool_connections
+        self._s3 = None
+
+    def fetch(self, uri: object) -> bytes:
+        ref = parse_uri(uri)
+        deadline = time.monotonic() + self.timeout
+        if isinstance(ref, S3Ref):
+            return self._fetch_s3(ref, deadline)
+        return self._fetch_local(ref, deadline)
+
+    # Local files -----------------------------------------------------------------------------
+
+    def check_local_path(self, path: str) -> Path:
+        """The resolved path (symlinks and ``..`` gone), if the policy allows it."""
+        resolved = Path(os.path.abspath(path)).resolve()
+        if self.local_roots is None:
+            return resolved
+        if not self.local_roots:
+            raise ScoringError(
+                ErrorCode.FORBIDDEN_PATH,
+                "local files are not served: REALSCORE_LOCAL_ROOTS is empty",
+            )
+        if not any(resolved.is_relative_to(root) for root in self.local_roots):
+            raise ScoringError(
+                ErrorCode.FORBIDDEN_PATH,
+                f"{path} is outside REALSCORE_LOCAL_ROOTS",
+            )
+        return resolved
+
+    def _fetch_local(self, ref: LocalRef, deadline: float) -> bytes:
+        path = self.check_local_path(ref.path)
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size > self.max_bytes:
+                    raise ScoringError(
+                        ErrorCode.TOO_LARGE,
+                        f"{ref.path}: {size} bytes, over {self.max_bytes} (REALSCORE_MAX_IMAGE_BYTES)",
+                    )
+                return _read_capped(handle, self.max_bytes, deadline, ref.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: no such file") from None
+        except IsADirectoryError:
+            raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: is a directory") from None
+        except PermissionError:
+            raise ScoringError(ErrorCode.ACCESS_DENIED, f"{ref.path}: permission denied") from None
+
+    # S3 --------------------------------------------------------------------------------------
+
+    @property
+    def s3(self):  # noqa: ANN201 - botocore's client type is generated at run time
+        if self._s3 is None:
+            import boto3
+            from botocore.config import Config
+
+            socket_timeout = min(self.timeout, 5.0)
+            self._s3 = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self._s3_endpoint_url,
+                config=Config(
+                    max_pool_connections=self._max_pool_connections,
+                    connect_timeout=socket_timeout,
+                    read_timeout=socket_timeout,
+                    retries={"mode": "standard", "total_max_attempts": 3},
+                ),
+            )
+        return self._s3
+
+    def _fetch_s3(self, ref: S3Ref, deadline: float) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
+
+        what = f"s3://{ref.bucket}/{ref.key}"
+        try:
+            response = self.s3.get_object(Bucket=ref.bucket, Key=ref.key)
+            body = response["Body"]
+            try:
+                if response.get("ContentLength", 0) > self.max_bytes:
+                    raise ScoringError(
+                        ErrorCode.TOO_LARGE,
+                        f"{what}: {response['ContentLength']} bytes, over {self.max_bytes} "
+                        "(REALSCORE_MAX_IMAGE_BYTES)",
+                    )
+                return _read_capped(body, self.max_bytes, deadline, what)
+            finally:
+                body.close()
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = str(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _NOT_FOUND or status == "404":
+                raise ScoringError(ErrorCode.NOT_FOUND, f"{what}: {code or status}") from None
+            if code in _DENIED or status == "403":
+                raise ScoringError(ErrorCode.ACCESS_DENIED, f"{what}: {code or status}") from None
+            if code == "InvalidBucketName":
+                raise ScoringError(ErrorCode.BAD_URI, f"{what}: invalid bucket name") from None
+            raise ScoringError(ErrorCode.INTERNAL, f"{what}: S3 said {code} ({status})") from None
+        except (ConnectTimeoutError, ReadTimeoutError):
+            raise ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: S3 did not answer in time") from None
+        except BotoCoreError as error:
+            raise ScoringError(ErrorCode.INTERNAL, f"{what}: {error}") from None
