@@ -39,8 +39,14 @@ class LoadedModel:
     @torch.inference_mode()
     def score(self, pixel_values: torch.Tensor) -> list[float]:
         """Scores for a CPU batch (N, 3, H, W) of preprocessed pixels."""
+        return self.score_and_features(pixel_values)[0]
+
+    @torch.inference_mode()
+    def score_and_features(self, pixel_values: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+        """Scores and pooled features (N, hidden, float32 on the CPU) from one forward pass."""
         pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        return self.model(pixels).tolist()
+        features = self.model.features(pixels)
+        return self.model.head(features).tolist(), features.float().cpu()
 
     @torch.inference_mode()
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ from worker.loader import LoadedModel
 from worker.sources import Sources
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class ScoringService:
             max_pool_connections=max(threads, 10),
         )
         self.budget = ByteBudget(settings.max_pending_bytes)
-        self.batcher: DynamicBatcher[torch.Tensor, float] = DynamicBatcher(
+        self.batcher: DynamicBatcher[torch.Tensor, tuple[float, torch.Tensor]] = DynamicBatcher(
             self._forward,
             max_batch_size=max_batch_size or settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
@@ -91,12 +93,17 @@ class ScoringService:
         self.batcher.stop()
         self._pool.shutdown(wait=True)
 
-    def _forward(self, items: list[torch.Tensor]) -> list[float]:
-        return self.loaded.score(torch.stack(items))
+    def _forward(self, items: list[torch.Tensor]) -> list[tuple[float, torch.Tensor]]:
+        scores, features = self.loaded.score_and_features(torch.stack(items))
+        return list(zip(scores, features))
 
     def prepare(self, uri: object) -> Prepared:
         """Fetch, decode and preprocess one image (on the calling thread)."""
         data = self.sources.fetch(uri)
+        return self.prepare_bytes(data)
+
+    def prepare_bytes(self, data: bytes) -> Prepared:
+        """Decode and preprocess image bytes, within the process's pixel budget."""
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             image = decode.open_image(data, max_pixels=self.settings.max_image_pixels)
@@ -107,34 +114,69 @@ class ScoringService:
             raise
         return Prepared(pixels, sha256)
 
+    def infer(self, prepared: Prepared, lane: Lane = Lane.INTERACTIVE) -> tuple[float, torch.Tensor]:
+        """Score and features of a prepared image, through the batcher (blocks until done)."""
+        pixels = prepared.pixels
+        taken = self.budget.acquire(pixels.numel() * pixels.element_size())
+        future = self.batcher.submit(pixels, lane, on_done=lambda: self.budget.release(taken))
+        return future.result()
+
     def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
         """One result, never an exception."""
+        return self._guarded(uri, lambda: self.prepare(uri), lane)
+
+    def score_bytes(self, uri: str, data: bytes, lane: Lane = Lane.INTERACTIVE) -> Result:
+        """A result for image bytes already in memory (``uri`` only labels it)."""
+        return self._guarded(uri, lambda: self.prepare_bytes(data), lane)
+
+    def _guarded(self, uri: object, prepare: Callable[[], Prepared], lane: Lane) -> Result:
+        started = time.monotonic()
+        sha256 = None
+        try:
+            prepared = prepare()
+            sha256 = prepared.sha256
+            score, _ = self.infer(prepared, lane)
+        except Exception as error:  # noqa: BLE001 - every failure is a per-image result
+            return self.error_result(uri, error, sha256 or getattr(error, "sha256", None), started)
+        metrics.IMAGES_SCORED.inc()
+        return self.results.ok(uri, score, sha256=sha256, elapsed_ms=_ms_since(started))  # type: ignore[arg-type]
+
+    def embed_uri(self, uri: object, lane: Lane = Lane.BULK) -> dict:
+        """Pooled features of one image for training, encoded compactly (base64 float16)."""
+        from worker.features import encode_features
+
         started = time.monotonic()
         sha256 = None
         try:
             prepared = self.prepare(uri)
             sha256 = prepared.sha256
-            taken = self.budget.acquire(prepared.pixels.numel() * prepared.pixels.element_size())
-            future = self.batcher.submit(
-                prepared.pixels, lane, on_done=lambda: self.budget.release(taken)
-            )
-            score = future.result()
-        except Exception as error:  # noqa: BLE001 - every failure is a per-image result
-            sha256 = sha256 or getattr(error, "sha256", None)
-            result = self.results.from_exception(
-                uri, error, sha256=sha256, elapsed_ms=_ms_since(started)
-            )
-            code = result["error"]["code"] if result["error"] else ErrorCode.INTERNAL.value
-            metrics.ERRORS.labels(code).inc()
-            if code == ErrorCode.INTERNAL.value:
-                log.error("internal error scoring %r: %s", uri, result["error"])
-            return result
-        metrics.IMAGES_SCORED.inc()
-        return self.results.ok(uri, score, sha256=sha256, elapsed_ms=_ms_since(started))  # type: ignore[arg-type]
+            _, features = self.infer(prepared, lane)
+        except Exception as error:  # noqa: BLE001 - every failure is a per-image row
+            failed = self.error_result(uri, error, sha256 or getattr(error, "sha256", None), started)
+            return {"uri": failed["uri"], "ok": False, "sha256": failed["sha256"], "dim": 0,
+                    "features": None, "model": failed["model"], "error": failed["error"]}
+        return {"uri": uri, "ok": True, "sha256": sha256, "dim": int(features.shape[-1]),
+                "features": encode_features(features.numpy()), "model": self.results.model,
+                "error": None}
+
+    def error_result(
+        self, uri: object, error: BaseException, sha256: str | None, started: float
+    ) -> Result:
+        """The error result for ``error``, counted and (if unexpected) logged."""
+        result = self.results.from_exception(uri, error, sha256=sha256, elapsed_ms=_ms_since(started))
+        code = result["error"]["code"] if result["error"] else ErrorCode.INTERNAL.value
+        metrics.ERRORS.labels(code).inc()
+        if code == ErrorCode.INTERNAL.value:
+            log.error("internal error on %r: %s", uri, result["error"])
+        return result
 
     def score_uris(self, uris: Sequence[object], lane: Lane = Lane.INTERACTIVE) -> list[Result]:
         """Results in input order; the images are fetched in parallel and batched together."""
-        return list(self._pool.map(lambda uri: self.score_uri(uri, lane), uris))
+        return self.map(lambda uri: self.score_uri(uri, lane), uris)
+
+    def map(self, function: Callable[[object], T], items: Sequence[object]) -> list[T]:
+        """``function`` over ``items`` on the process's fetch threads, results in order."""
+        return list(self._pool.map(function, items))
 
 
 def _ms_since(started: float) -> float:

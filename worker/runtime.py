@@ -1,0 +1,31 @@
+"""The one scoring service of this worker process, installed before Celery consumes anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.attempts import AttemptCounter
+from worker.service import ScoringService
+
+
+@dataclass
+class WorkerRuntime:
+    service: ScoringService
+    attempts: AttemptCounter | None
+
+
+_current: WorkerRuntime | None = None
+
+
+def install(runtime: WorkerRuntime | None) -> None:
+    global _current
+    _current = runtime
+
+
+def current() -> WorkerRuntime:
+    if _current is None:
+        raise RuntimeError(
+            "no model loaded in this process: start workers with `realscore worker`, "
+            "which loads the model before consuming"
+        )
+    return _current
