@@ -52,3 +52,95 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, size in enumerate([(300, 260), (224, 224), (640, 480), (200, 500)]):
         noise_image(i, size).save(folder / f"img{i}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A dedicated Redis database for the tests, emptied before and after the session."""
+    import redis
+
+    from tests.processes import TEST_REDIS_URL
+
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.ping()  # integration tests need the real Redis: fail loudly if it is not there
+    client.flushdb()
+    yield TEST_REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def celery_app(redis_url: str):
+    """``shared.celery_app.app`` pointed at the test database (the client uses the same app)."""
+    from shared.celery_app import app, configure
+    from shared.settings import load_settings
+
+    configure(app, load_settings(broker_url=redis_url, result_backend=redis_url))
+    return app
+
+
+@pytest.fixture(scope="session")
+def served_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the test worker may read (its REALSCORE_LOCAL_ROOTS)."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto's standalone S3 server over HTTP on a free loopback port (not a patched boto3)."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    from tests.processes import free_port
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_env(
+    tiny_clip_dir: Path, seed_checkpoint: Path, redis_url: str, served_dir: Path, s3_endpoint: str
+) -> dict:
+    import json
+
+    from tests.processes import free_port
+
+    return {
+        "REALSCORE_MODEL": str(tiny_clip_dir),
+        "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint),
+        "REALSCORE_DEVICE": "cpu",
+        "REALSCORE_BROKER_URL": redis_url,
+        "REALSCORE_RESULT_BACKEND": redis_url,
+        "REALSCORE_LOCAL_ROOTS": json.dumps([str(served_dir)]),
+        "REALSCORE_MAX_BATCH_SIZE": "16",
+        "REALSCORE_MAX_WAIT_MS": "50",
+        "REALSCORE_METRICS_PORT": str(free_port()),
+        "REALSCORE_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def worker(worker_env: dict, celery_app, tmp_path_factory: pytest.TempPathFactory):
+    """One real ``realscore worker`` process for the session's integration tests."""
+    from tests.processes import WorkerProcess
+
+    process = WorkerProcess(worker_env, tmp_path_factory.mktemp("logs") / "worker.log").start()
+    try:
+        process.wait_ready(celery_app)
+        yield process
+    finally:
+        process.stop()

@@ -1,0 +1,79 @@
+"""Writing self-describing head files (safetensors) for ``convert`` and ``train``.
+
+The metadata (all values strings, as safetensors requires) names the tower the head was made for,
+its hidden size, the preprocessing, the decision rule and where the weights came from;
+:func:`worker.loader.check_metadata` and :func:`worker.service.verdict_rule` read it back.
+The header is rewritten with sorted keys because safetensors serialises metadata in hash order:
+the same weights and metadata then always give the same bytes (and the same printed sha256).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from worker.preprocess import Preprocessing
+from worker.weights import TOWER_PREFIX
+
+_ALIGN = 8
+
+
+def head_metadata(
+    *,
+    tower: str,
+    hidden_size: int,
+    preprocessing: Preprocessing,
+    threshold: float,
+    high_score_means: str,
+    training_data: Mapping[str, object],
+) -> dict[str, str]:
+    """The metadata block every head we write carries."""
+    return {
+        "format": "realscore-head/1",
+        "tower": tower,
+        "hidden_size": str(int(hidden_size)),
+        "preprocessing": json.dumps(dataclasses.asdict(preprocessing), sort_keys=True),
+        "threshold": repr(float(threshold)),
+        "high_score_means": high_score_means,
+        "training_data": json.dumps(training_data, sort_keys=True),
+    }
+
+
+def utc_now() -> str:
+    """ISO date of now, or of ``SOURCE_DATE_EPOCH`` when set (reproducible files)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    stamp = float(epoch) if epoch else time.time()
+    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_weights(
+    path: str | Path,
+    head: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    tower: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``linear.*`` (and ``clip_encoder.*`` when a tower is given) with sorted metadata."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in head.items()}
+    for key, value in (tower or {}).items():
+        tensors[TOWER_PREFIX + key] = value.detach().cpu().contiguous()
+    blob = save(tensors, metadata=dict(metadata))
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    canonical += b" " * (-len(canonical) % _ALIGN)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        handle.write(struct.pack("<Q", len(canonical)) + canonical + blob[8 + length :])
+    os.replace(partial, path)  # readers never see a half-written head
+    return path
