@@ -35,7 +35,12 @@ def seed_state_dict(tower_dir: Path, seed: int = 1, perturb_tower: bool = False)
     tower = CLIPVisionModel.from_pretrained(tower_dir)
     generator = torch.Generator().manual_seed(seed)
     hidden = tower.config.hidden_size
-    state = {f"clip_encoder.{k}": v.clone() for k, v in tower.state_dict().items()}
+    # The seed saved with transformers 4, whose CLIPVisionModel keys start with "vision_model.";
+    # transformers 5 drops that prefix. Write the seed's form, as in the real modelo_final.pth.
+    state = {
+        "clip_encoder." + (k if k.startswith("vision_model.") else f"vision_model.{k}"): v.clone()
+        for k, v in tower.state_dict().items()
+    }
     if perturb_tower:
         key = "clip_encoder.vision_model.post_layernorm.weight"
         state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=generator)

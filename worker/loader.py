@@ -97,10 +97,21 @@ def _apply_head(model: RealScoreModel, checkpoint: Checkpoint, tower_name: str) 
     )
 
 
+def align_tower_keys(tower: CLIPVisionModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` keyed like ``tower``: transformers 4 saved ``vision_model.*``, 5 drops the prefix."""
+    prefix = "vision_model."
+    expects_prefix = any(key.startswith(prefix) for key in tower.state_dict())
+    aligned = {}
+    for key, tensor in state.items():
+        bare = key.removeprefix(prefix)
+        aligned[prefix + bare if expects_prefix else bare] = tensor
+    return aligned
+
+
 def tower_differs(tower: CLIPVisionModel, state: dict[str, torch.Tensor]) -> bool:
     """Whether ``state`` holds any tower weight unlike the pretrained one (a fine-tuned tower)."""
     current = tower.state_dict()
-    for key, tensor in state.items():
+    for key, tensor in align_tower_keys(tower, state).items():
         if key not in current:
             raise WeightsError(f"checkpoint tower key {key!r} does not exist in the CLIP tower")
         if current[key].shape != tensor.shape:
@@ -146,7 +157,7 @@ def build_model(
     check_metadata(checkpoint.metadata, tower, tower_name)
     tower_sha = None
     if checkpoint.tower and tower_differs(tower, checkpoint.tower):
-        tower.load_state_dict(checkpoint.tower, strict=False)
+        tower.load_state_dict(align_tower_keys(tower, checkpoint.tower), strict=False)
         tower_sha = tensors_sha256(checkpoint.tower)
         log.info("using the fine-tuned tower weights from %s", checkpoint.path)
     model = RealScoreModel(tower, dropout=dropout)
