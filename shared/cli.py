@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from shared.lifecycle_cli import add_commands
 from shared.settings import SettingsError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("uris", nargs="+", metavar="URI")
     submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait in all")
     submit.set_defaults(handler=_delegate("shared.submit_command"))
+    add_commands(commands, _delegate)  # convert, evaluate, train
     return parser
 
 
