@@ -79,4 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy, so UsageError raised by command
+    # modules (which import shared.cli) is the class caught here.
+    from shared.cli import main as _main
+
+    sys.exit(_main())
