@@ -1,0 +1,136 @@
+"""The dynamic batcher on its own (no Celery, no model): size, wait, isolation, lanes, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from worker.batcher import BatcherStopped, DynamicBatcher, Lane
+
+
+class Recorder:
+    """A forward that records each batch, optionally held until released."""
+
+    def __init__(self, hold: threading.Event | None = None) -> None:
+        self.batches: list[list[object]] = []
+        self.hold = hold
+        self.entered = threading.Event()
+
+    def __call__(self, items: list[object]) -> list[object]:
+        self.entered.set()
+        if self.hold is not None:
+            assert self.hold.wait(10)
+        self.batches.append(list(items))
+        return [f"out:{item}" for item in items]
+
+
+def test_max_batch_size_is_respected() -> None:
+    forward = Recorder()
+    batcher = DynamicBatcher(forward, max_batch_size=4, max_wait_s=0.2)
+    futures = [batcher.submit(i) for i in range(10)]  # queued before the thread starts
+    batcher.start()
+    assert [f.result(timeout=10) for f in futures] == [f"out:{i}" for i in range(10)]
+    batcher.stop(timeout=10)
+    assert [len(b) for b in forward.batches] == [4, 4, 2]
+
+
+def test_lonely_item_waits_at_most_max_wait() -> None:
+    forward = Recorder()
+    batcher = DynamicBatcher(forward, max_batch_size=64, max_wait_s=0.05).start()
+    started = time.monotonic()
+    assert batcher.submit("alone").result(timeout=10) == "out:alone"
+    waited = time.monotonic() - started
+    batcher.stop(timeout=10)
+    assert forward.batches == [["alone"]]
+    assert 0.04 <= waited < 2.0  # it waited for company, but not for a full batch
+
+
+def test_full_batch_does_not_wait() -> None:
+    batcher = DynamicBatcher(Recorder(), max_batch_size=3, max_wait_s=30.0)
+    futures = [batcher.submit(i) for i in range(3)]
+    started = time.monotonic()
+    batcher.start()
+    [f.result(timeout=10) for f in futures]
+    assert time.monotonic() - started < 5.0  # far below the 30 s max wait
+    batcher.stop(timeout=10)
+
+
+def test_failing_item_is_isolated_by_the_caller_and_batch_failure_stays_in_its_batch() -> None:
+    calls: list[list[object]] = []
+
+    def forward(items: list[object]) -> list[object]:
+        calls.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("CUDA out of memory")
+        return [str(item).upper() for item in items]
+
+    batcher = DynamicBatcher(forward, max_batch_size=2, max_wait_s=0.2)
+    first = [batcher.submit("a"), batcher.submit("boom")]
+    second = [batcher.submit("c"), batcher.submit("d")]
+    batcher.start()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        first[1].result(timeout=10)
+    with pytest.raises(RuntimeError):
+        first[0].result(timeout=10)  # same batch: failed with it
+    assert [f.result(timeout=10) for f in second] == ["C", "D"]  # the next batch is served
+    assert batcher.submit("e").result(timeout=10) == "E"  # and the batcher keeps serving
+    batcher.stop(timeout=10)
+
+
+def test_wrong_number_of_outputs_fails_the_batch() -> None:
+    batcher = DynamicBatcher(lambda items: [1], max_batch_size=2, max_wait_s=0.2)
+    futures = [batcher.submit(1), batcher.submit(2)]
+    batcher.start()
+    for future in futures:
+        with pytest.raises(RuntimeError, match="1 outputs for 2 items"):
+            future.result(timeout=10)
+    batcher.stop(timeout=10)
+
+
+def test_interactive_lane_goes_before_prefetched_bulk() -> None:
+    forward = Recorder()
+    batcher = DynamicBatcher(forward, max_batch_size=4, max_wait_s=0.2)
+    bulk = [batcher.submit(f"bulk{i}", Lane.BULK) for i in range(8)]
+    web = batcher.submit("web", Lane.INTERACTIVE)  # arrives last
+    batcher.start()
+    web.result(timeout=10)
+    [f.result(timeout=10) for f in bulk]
+    batcher.stop(timeout=10)
+    assert forward.batches[0][0] == "web"
+    assert forward.batches[0][1:] == ["bulk0", "bulk1", "bulk2"]
+
+
+def test_stop_finishes_the_batch_in_flight_and_the_queue() -> None:
+    release = threading.Event()
+    forward = Recorder(hold=release)
+    batcher = DynamicBatcher(forward, max_batch_size=2, max_wait_s=0.0).start()
+    in_flight = batcher.submit("first")
+    assert forward.entered.wait(10)  # "first" is inside forward now
+    queued = [batcher.submit("second"), batcher.submit("third")]
+    stopper = threading.Thread(target=batcher.stop, kwargs={"timeout": 10})
+    stopper.start()
+    release.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert in_flight.result(timeout=1) == "out:first"
+    assert [f.result(timeout=1) for f in queued] == ["out:second", "out:third"]
+    with pytest.raises(BatcherStopped):
+        batcher.submit("late")
+
+
+def test_on_done_runs_after_each_batch_even_on_failure() -> None:
+    done: list[str] = []
+
+    def forward(items: list[object]) -> list[object]:
+        raise ValueError("bad batch")
+
+    batcher = DynamicBatcher(forward, max_batch_size=2, max_wait_s=0.0)
+    futures = [batcher.submit(i, on_done=lambda i=i: done.append(f"released{i}")) for i in range(2)]
+    batcher.start()
+    for future in futures:
+        with pytest.raises(ValueError):
+            future.result(timeout=10)
+    batcher.stop(timeout=10)
+    assert sorted(done) == ["released0", "released1"]

@@ -1,0 +1,64 @@
+"""The pixel budget bounds decoded bytes in flight and never deadlocks on one huge image."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from worker.budget import ByteBudget
+
+
+def test_acquire_blocks_until_release() -> None:
+    budget = ByteBudget(100)
+    taken = budget.acquire(80)
+    with pytest.raises(TimeoutError):
+        budget.acquire(30, timeout=0.05)
+    got = threading.Event()
+
+    def waiter() -> None:
+        budget.release(budget.acquire(30, timeout=10))
+        got.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    budget.release(taken)
+    assert got.wait(10)
+    thread.join(10)
+    assert budget.in_use == 0
+
+
+def test_request_over_capacity_takes_the_whole_budget() -> None:
+    budget = ByteBudget(100)
+    with budget.hold(10_000, timeout=1):
+        assert budget.in_use == 100
+    assert budget.in_use == 0
+
+
+def test_hold_releases_on_error() -> None:
+    budget = ByteBudget(100)
+    with pytest.raises(RuntimeError):
+        with budget.hold(60):
+            raise RuntimeError("decode failed")
+    assert budget.in_use == 0
+
+
+def test_many_threads_never_exceed_capacity() -> None:
+    budget = ByteBudget(1000)
+    peak = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal peak
+        for _ in range(50):
+            with budget.hold(300, timeout=10):
+                with lock:
+                    peak = max(peak, budget.in_use)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert 0 < peak <= 1000
+    assert budget.in_use == 0
