@@ -1,0 +1,136 @@
+"""URI parsing and the local-file policy of ``worker.sources`` (S3 is in test_s3.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ErrorCode, ScoringError
+from worker.sources import LocalRef, S3Ref, Sources, parse_uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "parsed"),
+    [
+        ("/data/a.jpg", LocalRef("/data/a.jpg")),
+        ("file:///data/a%20b.jpg", LocalRef("/data/a b.jpg")),
+        ("file://localhost/data/a.jpg", LocalRef("/data/a.jpg")),
+        ("s3://bucket/key/with/slashes.jpg", S3Ref("bucket", "key/with/slashes.jpg")),
+    ],
+)
+def test_valid_uris(uri: str, parsed: object) -> None:
+    assert parse_uri(uri) == parsed
+
+
+@pytest.mark.parametrize(
+    ("uri", "code"),
+    [
+        ("", ErrorCode.BAD_URI),
+        (None, ErrorCode.BAD_URI),
+        (42, ErrorCode.BAD_URI),
+        ("relative/path.jpg", ErrorCode.BAD_URI),
+        ("s3://bucket-only", ErrorCode.BAD_URI),
+        ("s3://bucket/", ErrorCode.BAD_URI),
+        ("file://otherhost/etc/passwd", ErrorCode.BAD_URI),
+        ("/data/a\x00.jpg", ErrorCode.BAD_URI),
+        ("http://169.254.169.254/latest/meta-data", ErrorCode.UNSUPPORTED_SCHEME),
+        ("https://example.com/a.jpg", ErrorCode.UNSUPPORTED_SCHEME),
+        ("gs://bucket/key", ErrorCode.UNSUPPORTED_SCHEME),
+    ],
+)
+def test_invalid_uris(uri: object, code: ErrorCode) -> None:
+    with pytest.raises(ScoringError) as caught:
+        parse_uri(uri)
+    assert caught.value.code == code
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "ok.bin").write_bytes(b"x" * 100)
+    (outside / "secret.bin").write_bytes(b"s" * 10)
+    (root / "escape").symlink_to(outside / "secret.bin")
+    (root / "inside-link").symlink_to(root / "ok.bin")
+    (root / "sub").mkdir()
+    return {"root": root, "outside": outside}
+
+
+def _code(sources: Sources, uri: str) -> ErrorCode:
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch(uri)
+    return caught.value.code
+
+
+def test_local_roots_policy(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    assert sources.fetch(str(root / "ok.bin")) == b"x" * 100
+    assert sources.fetch(f"file://{root}/ok.bin") == b"x" * 100
+    assert sources.fetch(str(root / "inside-link")) == b"x" * 100  # a link that stays inside
+    assert _code(sources, str(root / "escape")) == ErrorCode.FORBIDDEN_PATH  # symlink out
+    assert _code(sources, f"{root}/../outside/secret.bin") == ErrorCode.FORBIDDEN_PATH
+    assert _code(sources, str(tree["outside"] / "secret.bin")) == ErrorCode.FORBIDDEN_PATH
+    assert _code(sources, str(root / "missing.jpg")) == ErrorCode.NOT_FOUND
+    assert _code(sources, str(root / "sub")) == ErrorCode.NOT_FOUND
+    assert _code(sources, str(root / "ok.bin" / "child")) == ErrorCode.NOT_FOUND
+
+
+def test_root_prefix_is_not_enough(tmp_path: Path) -> None:
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media-private").mkdir()
+    (tmp_path / "media-private" / "a.bin").write_bytes(b"a")
+    sources = Sources(local_roots=[tmp_path / "media"], max_bytes=10, timeout=5)
+    assert _code(sources, str(tmp_path / "media-private" / "a.bin")) == ErrorCode.FORBIDDEN_PATH
+
+
+def test_empty_roots_refuse_local_files_and_say_which_setting(tree: dict[str, Path]) -> None:
+    sources = Sources(local_roots=[], max_bytes=1000, timeout=5)
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch(str(tree["root"] / "ok.bin"))
+    assert caught.value.code == ErrorCode.FORBIDDEN_PATH
+    assert "REALSCORE_LOCAL_ROOTS" in caught.value.message
+
+
+def test_embedded_mode_trusts_every_path(tree: dict[str, Path]) -> None:
+    sources = Sources(local_roots=None, max_bytes=1000, timeout=5)
+    assert sources.fetch(str(tree["outside"] / "secret.bin")) == b"s" * 10
+
+
+def test_size_limit(tree: dict[str, Path]) -> None:
+    sources = Sources(local_roots=[tree["root"]], max_bytes=99, timeout=5)
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch(str(tree["root"] / "ok.bin"))
+    assert caught.value.code == ErrorCode.TOO_LARGE
+    assert "REALSCORE_MAX_IMAGE_BYTES" in caught.value.message
+
+
+def test_special_files_are_refused_before_reading(tmp_path: Path) -> None:
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    sources = Sources(local_roots=[tmp_path], max_bytes=1 << 20, timeout=10)
+    assert _code(sources, str(fifo)) == ErrorCode.NOT_FOUND
+
+
+def test_read_loop_caps_a_stream_that_declares_no_size() -> None:
+    import io
+    import time
+
+    from worker.sources import _read_capped
+
+    with pytest.raises(ScoringError) as caught:
+        _read_capped(io.BytesIO(b"z" * (3 << 20)), 1 << 20, time.monotonic() + 10, "stream")
+    assert caught.value.code == ErrorCode.TOO_LARGE
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_access_denied(tree: dict[str, Path]) -> None:
+    path = tree["root"] / "locked.bin"
+    path.write_bytes(b"l")
+    path.chmod(0)
+    sources = Sources(local_roots=[tree["root"]], max_bytes=10, timeout=5)
+    assert _code(sources, str(path)) == ErrorCode.ACCESS_DENIED
