@@ -67,7 +67,7 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     train.add_argument("--patience", type=int, default=20, help="epochs without improvement to stop")
     train.add_argument("--val-split", type=float, default=0.15, help="share for early stopping")
     train.add_argument("--test-split", type=float, default=0.15, help="held-out share for the table")
-    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    train.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     train.add_argument("--dropout", type=float, default=0.35, help="dropout before the linear layer")
     train.add_argument(

@@ -9,11 +9,11 @@ from PIL import Image
 
 
 def textured(seed: int, size: tuple[int, int] = (64, 56)) -> Image.Image:
-    """A random base colour under strong per-pixel noise."""
+    """A random base colour under per-pixel noise strong enough to saturate many pixels."""
     rng = np.random.default_rng(10_000 + seed)
     width, height = size
     base = rng.uniform(60, 200, 3)
-    pixels = base + rng.normal(0, 60, (height, width, 3))
+    pixels = base + rng.normal(0, 160, (height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
