@@ -19,7 +19,7 @@ def _folders(parser: argparse.ArgumentParser) -> None:
         "--via-queue", action="store_true", help="use the running workers instead of a local model"
     )
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="with --via-queue: seconds to wait per task"
+        "--timeout", type=float, default=600.0, help="with --via-queue: seconds to wait for the workers' results"
     )
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
 
