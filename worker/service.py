@@ -74,7 +74,9 @@ class ScoringService:
             max_bytes=settings.max_image_bytes,
             timeout=settings.fetch_timeout,
             s3_endpoint_url=settings.s3_endpoint_url,
-            max_pool_connections=max(threads, 10),
+            # Celery's task threads fetch for `score` while this process's fetch pool (as many
+            # threads) fetches for `score_many`: both can hold a connection at once.
+            max_pool_connections=max(settings.task_concurrency + threads, 10),
         )
         self.budget = ByteBudget(settings.max_pending_bytes)
         self.batcher: DynamicBatcher[torch.Tensor, tuple[float, torch.Tensor]] = DynamicBatcher(

@@ -9,6 +9,7 @@ can overrun the deadline by at most one socket timeout (``min(FETCH_TIMEOUT, 5 s
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class Sources:
         self._s3_endpoint_url = s3_endpoint_url
         self._max_pool_connections = max_pool_connections
         self._s3 = None
+        self._s3_lock = threading.Lock()  # task threads race to the first S3 fetch
 
     def fetch(self, uri: object) -> bytes:
         ref = parse_uri(uri)
@@ -147,21 +149,26 @@ class Sources:
     @property
     def s3(self):  # noqa: ANN201 - botocore's client type is generated at run time
         if self._s3 is None:
-            import boto3
-            from botocore.config import Config
-
-            socket_timeout = min(self.timeout, 5.0)
-            self._s3 = boto3.session.Session().client(
-                "s3",
-                endpoint_url=self._s3_endpoint_url,
-                config=Config(
-                    max_pool_connections=self._max_pool_connections,
-                    connect_timeout=socket_timeout,
-                    read_timeout=socket_timeout,
-                    retries={"mode": "standard", "total_max_attempts": 3},
-                ),
-            )
+            with self._s3_lock:
+                if self._s3 is None:
+                    self._s3 = self._make_s3_client()
         return self._s3
+
+    def _make_s3_client(self):  # noqa: ANN202
+        import boto3
+        from botocore.config import Config
+
+        socket_timeout = min(self.timeout, 5.0)
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self._s3_endpoint_url,
+            config=Config(
+                max_pool_connections=self._max_pool_connections,
+                connect_timeout=socket_timeout,
+                read_timeout=socket_timeout,
+                retries={"mode": "standard", "total_max_attempts": 3},
+            ),
+        )
 
     def _fetch_s3(self, ref: S3Ref, deadline: float) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
