@@ -19,7 +19,10 @@ def _folders(parser: argparse.ArgumentParser) -> None:
         "--via-queue", action="store_true", help="use the running workers instead of a local model"
     )
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="with --via-queue: seconds to wait for the workers' results"
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="with --via-queue: seconds to wait for the workers' results",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
 
@@ -43,18 +46,25 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     )
     _folders(evaluate)
     evaluate.add_argument(
-        "--threshold", type=float, default=None,
+        "--threshold",
+        type=float,
+        default=None,
         help="decision threshold (default: REALSCORE_THRESHOLD, else the head's metadata, else 0)",
     )
     evaluate.add_argument(
         "--positive", choices=("ai", "real"), default="ai", help="the class called positive"
     )
-    evaluate.add_argument("--report", metavar="DIR", help="write ROC/histogram PNGs, CSV, JSON here")
     evaluate.add_argument(
-        "--perturb", metavar="SPEC", help="re-score degraded copies, e.g. jpeg:75,resize:0.5,blur:1.0"
+        "--report", metavar="DIR", help="write ROC/histogram PNGs, CSV, JSON here"
     )
     evaluate.add_argument(
-        "--work-dir", metavar="DIR",
+        "--perturb",
+        metavar="SPEC",
+        help="re-score degraded copies, e.g. jpeg:75,resize:0.5,blur:1.0",
+    )
+    evaluate.add_argument(
+        "--work-dir",
+        metavar="DIR",
         help="where degraded copies are written for --via-queue (a folder the workers can read)",
     )
     evaluate.set_defaults(handler=delegate("worker.evaluate_command"))
@@ -64,14 +74,22 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     train.add_argument("--out", required=True, help="the .safetensors head to write")
     train.add_argument("--seed", type=int, default=0, help="same seed and data -> identical head")
     train.add_argument("--epochs", type=int, default=300, help="most passes over the training set")
-    train.add_argument("--patience", type=int, default=20, help="epochs without improvement to stop")
+    train.add_argument(
+        "--patience", type=int, default=20, help="epochs without improvement to stop"
+    )
     train.add_argument("--val-split", type=float, default=0.15, help="share for early stopping")
-    train.add_argument("--test-split", type=float, default=0.15, help="held-out share for the table")
+    train.add_argument(
+        "--test-split", type=float, default=0.15, help="held-out share for the table"
+    )
     train.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    train.add_argument("--dropout", type=float, default=0.35, help="dropout before the linear layer")
     train.add_argument(
-        "--high-score-means", choices=("real", "ai"), default=None,
+        "--dropout", type=float, default=0.35, help="dropout before the linear layer"
+    )
+    train.add_argument(
+        "--high-score-means",
+        choices=("real", "ai"),
+        default=None,
         help="which class the new head scores high (default: REALSCORE_HIGH_SCORE_MEANS)",
     )
     train.add_argument(

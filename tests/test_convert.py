@@ -1,4 +1,4 @@
-"""``realscore convert``: a safe round trip, fine-tuned towers detected, self-describing metadata."""
+"""``realscore convert``: safe round trip, fine-tuned towers detected, self-describing metadata."""
 
 from __future__ import annotations
 
@@ -25,12 +25,16 @@ def _convert(capsys, checkpoint: Path, out: Path, model: Path, *extra: str) -> d
     code = main(["convert", str(checkpoint), "--out", str(out), "--model", str(model), *extra])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    lines = dict(line.split(" ", 1) for line in printed.splitlines() if line.startswith(("sha256", "model")))
+    lines = dict(
+        line.split(" ", 1) for line in printed.splitlines() if line.startswith(("sha256", "model"))
+    )
     lines["text"] = printed
     return lines
 
 
-def test_round_trip_gives_identical_scores(capsys, realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path):
+def test_round_trip_gives_identical_scores(
+    capsys, realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path
+):
     out = tmp_path / "head.safetensors"
     printed = _convert(capsys, seed_checkpoint, out, tiny_clip_dir)
     assert "head only" in printed["text"]
@@ -111,7 +115,9 @@ def test_contradicting_metadata_is_refused(tiny_clip_dir):
         check_metadata({"tower": "org/other"}, tower, "org/tower")
 
 
-def test_wrong_hidden_size_metadata_stops_the_loader(realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path, capsys):
+def test_wrong_hidden_size_metadata_stops_the_loader(
+    realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path, capsys
+):
     out = tmp_path / "head.safetensors"
     _convert(capsys, seed_checkpoint, out, tiny_clip_dir)
     from worker.headfile import write_weights
@@ -127,5 +133,8 @@ def test_wrong_hidden_size_metadata_stops_the_loader(realscore_env, tiny_clip_di
 def test_usage_errors_exit_2(capsys, realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path):
     assert main(["convert", str(seed_checkpoint), "--out", str(tmp_path / "head.pth")]) == 2
     assert "safetensors" in capsys.readouterr().err
-    assert main(["convert", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "h.safetensors")]) == 2
+    assert (
+        main(["convert", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "h.safetensors")])
+        == 2
+    )
     assert "not found" in capsys.readouterr().err

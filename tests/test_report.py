@@ -26,7 +26,19 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_report_files_exist_and_plots_open(capsys, realscore_env, families, tmp_path):
     real, ai = families
     report = tmp_path / "report"
-    code = main(["evaluate", "--real", str(real), "--ai", str(ai), "--perturb", PERTURB, "--report", str(report)])
+    code = main(
+        [
+            "evaluate",
+            "--real",
+            str(real),
+            "--ai",
+            str(ai),
+            "--perturb",
+            PERTURB,
+            "--report",
+            str(report),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     for name in ("clean", "jpeg:75", "resize:0.5", "blur:1"):
@@ -43,20 +55,28 @@ def test_report_files_exist_and_plots_open(capsys, realscore_env, families, tmp_
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 * 11
     broken = [row for row in rows if row["path"].endswith("broken.png")]
-    assert {row["error"] for row in broken} == {"not_an_image"} and all(row["score"] == "" for row in broken)
+    assert {row["error"] for row in broken} == {"not_an_image"} and all(
+        row["score"] == "" for row in broken
+    )
     scored = [row for row in rows if row["score"]]
-    assert all(-1 <= float(row["score"]) <= 1 and row["predicted"] in ("real", "ai") for row in scored)
+    assert all(
+        -1 <= float(row["score"]) <= 1 and row["predicted"] in ("real", "ai") for row in scored
+    )
 
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["conditions"]) == {"clean", "jpeg:75", "resize:0.5", "blur:1"}
     clean = metrics["conditions"]["clean"]
     assert clean["errors"] == {"not_an_image": 1}
-    assert clean["metrics"]["positives"]["total"] == 5 and clean["metrics"]["negatives"]["total"] == 5
+    assert (
+        clean["metrics"]["positives"]["total"] == 5 and clean["metrics"]["negatives"]["total"] == 5
+    )
     assert 0 <= clean["metrics"]["auc_roc"] <= 1
     assert metrics["positive"] == "ai" and metrics["high_score_means"] == "real"
 
 
-def test_queue_path_reads_the_workers_rule(capsys, monkeypatch, realscore_env, loaded_model, families, tmp_path):
+def test_queue_path_reads_the_workers_rule(
+    capsys, monkeypatch, realscore_env, loaded_model, families, tmp_path
+):
     """``--via-queue``: results come from a real ScoringService standing in for the workers."""
     from shared import client
     from shared.settings import load_settings
@@ -74,8 +94,20 @@ def test_queue_path_reads_the_workers_rule(capsys, monkeypatch, realscore_env, l
     real, ai = families
     try:
         code = main(
-            ["evaluate", "--real", str(real), "--ai", str(ai), "--via-queue", "--perturb", "jpeg:50",
-             "--work-dir", str(tmp_path / "work"), "--report", str(tmp_path / "report")]
+            [
+                "evaluate",
+                "--real",
+                str(real),
+                "--ai",
+                str(ai),
+                "--via-queue",
+                "--perturb",
+                "jpeg:50",
+                "--work-dir",
+                str(tmp_path / "work"),
+                "--report",
+                str(tmp_path / "report"),
+            ]
         )
     finally:
         service.stop()
@@ -104,7 +136,9 @@ def test_usage_errors_exit_2(capsys, realscore_env, families, extra, message):
     assert message in capsys.readouterr().err
 
 
-def test_missing_folder_and_missing_weights_exit_2(capsys, monkeypatch, realscore_env, families, tmp_path):
+def test_missing_folder_and_missing_weights_exit_2(
+    capsys, monkeypatch, realscore_env, families, tmp_path
+):
     real, _ = families
     assert main(["evaluate", "--real", str(real), "--ai", str(tmp_path / "nope")]) == 2
     assert "not a directory" in capsys.readouterr().err

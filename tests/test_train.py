@@ -37,7 +37,20 @@ def reproducible(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _train(capsys, families, out: Path, cache: Path, *extra: str) -> str:
     real, ai = families
-    code = main(["train", "--real", str(real), "--ai", str(ai), "--out", str(out), "--cache-dir", str(cache), *extra])
+    code = main(
+        [
+            "train",
+            "--real",
+            str(real),
+            "--ai",
+            str(ai),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            *extra,
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     return printed
@@ -65,7 +78,9 @@ def test_feature_cache_is_per_tower(tmp_path: Path) -> None:
         assert np.array_equal(again.get_many(["sha1"])["sha1"], np.arange(4, dtype=np.float32))
 
 
-def test_train_learns_separable_families(capsys, realscore_env, reproducible, tiny_clip_dir, families, tmp_path):
+def test_train_learns_separable_families(
+    capsys, realscore_env, reproducible, tiny_clip_dir, families, tmp_path
+):
     out = tmp_path / "head.safetensors"
     printed = _train(capsys, families, out, tmp_path / "cache", "--test-split", "0.3")
     assert f"extracting features of {2 * COUNT} files (0 already cached)" in printed
@@ -76,7 +91,9 @@ def test_train_learns_separable_families(capsys, realscore_env, reproducible, ti
     # The worker loads it, and it separates images it has never seen.
     loaded = load_model(str(tiny_clip_dir), out, device="cpu", dtype="float32")
     assert loaded.model_id in printed
-    fresh = [textured(seed) for seed in range(500, 515)] + [smooth(seed) for seed in range(500, 515)]
+    fresh = [textured(seed) for seed in range(500, 515)] + [
+        smooth(seed) for seed in range(500, 515)
+    ]
     scores = loaded.score(torch.stack([loaded.preprocessing(image) for image in fresh]))
     metrics = compute_metrics(scores, ["real"] * 15 + ["ai"] * 15, high_score_means="real")
     assert metrics.auc_roc > 0.9  # 15 + 15 unseen images: a looser bound than the split's
@@ -93,8 +110,12 @@ def test_train_learns_separable_families(capsys, realscore_env, reproducible, ti
     assert sum(training["split"].values()) == 2 * COUNT
 
 
-def test_same_seed_same_bytes_and_cache_reused(capsys, realscore_env, reproducible, families, tmp_path):
-    first, second, fresh_cache, other_seed = (tmp_path / f"{name}.safetensors" for name in ("a", "b", "c", "d"))
+def test_same_seed_same_bytes_and_cache_reused(
+    capsys, realscore_env, reproducible, families, tmp_path
+):
+    first, second, fresh_cache, other_seed = (
+        tmp_path / f"{name}.safetensors" for name in ("a", "b", "c", "d")
+    )
     _train(capsys, families, first, tmp_path / "cache", "--seed", "5")
     printed = _train(capsys, families, second, tmp_path / "cache", "--seed", "5")
     assert f"all {2 * COUNT} files' features are cached" in printed
@@ -105,7 +126,9 @@ def test_same_seed_same_bytes_and_cache_reused(capsys, realscore_env, reproducib
     assert file_sha256(other_seed) != file_sha256(first)
 
 
-def test_head_metadata_sets_the_workers_verdicts(capsys, realscore_env, tiny_clip_dir, families, tmp_path):
+def test_head_metadata_sets_the_workers_verdicts(
+    capsys, realscore_env, tiny_clip_dir, families, tmp_path
+):
     out = tmp_path / "ai-high.safetensors"
     _train(capsys, families, out, tmp_path / "cache", "--high-score-means", "ai")
     loaded = load_model(str(tiny_clip_dir), out, device="cpu", dtype="float32")
@@ -119,8 +142,10 @@ def test_head_metadata_sets_the_workers_verdicts(capsys, realscore_env, tiny_cli
     assert results[1]["score"] > 0  # a high score now means AI
 
 
-def test_via_queue_uses_the_embed_task(capsys, monkeypatch, realscore_env, loaded_model, families, tmp_path):
-    """``--via-queue``: features from a real ScoringService's embed rows, as the task returns them."""
+def test_via_queue_uses_the_embed_task(
+    capsys, monkeypatch, realscore_env, loaded_model, families, tmp_path
+):
+    """``--via-queue``: features from a real ScoringService's embed rows, as the task sends them."""
     from shared import client
 
     service = ScoringService(loaded_model, load_settings(), local_roots=None).start()
@@ -132,16 +157,34 @@ def test_via_queue_uses_the_embed_task(capsys, monkeypatch, realscore_env, loade
 
     monkeypatch.setattr(client, "embed_many", embed_many)
     try:
-        printed = _train(capsys, families, tmp_path / "q.safetensors", tmp_path / "cache", "--via-queue")
+        printed = _train(
+            capsys, families, tmp_path / "q.safetensors", tmp_path / "cache", "--via-queue"
+        )
         assert calls == [2 * COUNT] and "held out" in printed
-        # Features from a fine-tuned tower must not train a head that will run on the pretrained one.
+        # A fine-tuned tower's features must not train a head that will run on the pretrained one.
         monkeypatch.setattr(
-            client, "embed_many",
-            lambda uris, timeout: [{**row, "model": row["model"] + "+tower:abcdef"} for row in embed_many(uris, timeout)],
+            client,
+            "embed_many",
+            lambda uris, timeout: [
+                {**row, "model": row["model"] + "+tower:abcdef"}
+                for row in embed_many(uris, timeout)
+            ],
         )
         real, ai = families
-        code = main(["train", "--real", str(real), "--ai", str(ai), "--out", str(tmp_path / "x.safetensors"),
-                     "--cache-dir", str(tmp_path / "other-cache"), "--via-queue"])
+        code = main(
+            [
+                "train",
+                "--real",
+                str(real),
+                "--ai",
+                str(ai),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                "--cache-dir",
+                str(tmp_path / "other-cache"),
+                "--via-queue",
+            ]
+        )
     finally:
         service.stop()
     assert code == 2
@@ -150,7 +193,18 @@ def test_via_queue_uses_the_embed_task(capsys, monkeypatch, realscore_env, loade
 
 def test_too_few_images_is_a_usage_error(capsys, realscore_env, tmp_path):
     real, ai = write_families(tmp_path / "few", 2)
-    code = main(["train", "--real", str(real), "--ai", str(ai), "--out", str(tmp_path / "h.safetensors"),
-                 "--cache-dir", str(tmp_path / "cache")])
+    code = main(
+        [
+            "train",
+            "--real",
+            str(real),
+            "--ai",
+            str(ai),
+            "--out",
+            str(tmp_path / "h.safetensors"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 2
     assert "at least 3" in capsys.readouterr().err

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from shared.cli import EXIT_OK, UsageError
 from shared.settings import get_settings
 from worker.headfile import head_metadata, utc_now, write_weights
@@ -28,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
     tower_name = args.model or settings.model
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        raise UsageError(f"--out must end in .safetensors (the loader picks the format by it): {out}")
+        raise UsageError(
+            f"--out must end in .safetensors (the loader picks the format by it): {out}"
+        )
     if out.exists() and out.resolve() == Path(args.checkpoint).resolve():
         raise UsageError("--out must not be the checkpoint itself")
     try:
@@ -81,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {converted_id}")
     if fine_tuned and args.fp16:
         original = model_id(tower_name, checkpoint.head_sha, tensors_sha256(checkpoint.tower))
-        print(f"(the float32 original reports model {original}: float16 weights score slightly differently)")
+        print(f"(the float32 original reports model {original}; float16 scores differ slightly)")
     return EXIT_OK

@@ -89,7 +89,9 @@ class QueueScorer:
         self.model = "(workers)"
 
     def score(self, paths: list[Path]) -> list[Result]:
-        results = self.client.score_many([str(path) for path in paths], timeout=self.timeout, bulk=True)
+        results = self.client.score_many(
+            [str(path) for path in paths], timeout=self.timeout, bulk=True
+        )
         models = {result["model"] for result in results if result.get("model")}
         self.model = ", ".join(sorted(models)) or self.model
         return results
@@ -104,7 +106,9 @@ class QueueScorer:
         written: list[tuple[int, Path]] = []
         for index, path in enumerate(paths):
             try:
-                data = degrade(path.read_bytes(), perturbation, max_pixels=self.settings.max_image_pixels)
+                data = degrade(
+                    path.read_bytes(), perturbation, max_pixels=self.settings.max_image_pixels
+                )
             except Exception as error:  # noqa: BLE001
                 results.append(local_errors.from_exception(str(path), error))
                 continue
@@ -112,8 +116,10 @@ class QueueScorer:
             copy.write_bytes(data)
             written.append((index, copy))
             results.append(None)
-        scored = self.client.score_many([str(copy) for _, copy in written], timeout=self.timeout, bulk=True)
-        for (index, _), result in zip(written, scored):
+        scored = self.client.score_many(
+            [str(copy) for _, copy in written], timeout=self.timeout, bulk=True
+        )
+        for (index, _), result in zip(written, scored, strict=True):
             result["uri"] = str(paths[index])
             results[index] = result
         return results  # type: ignore[return-value]

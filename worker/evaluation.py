@@ -54,7 +54,9 @@ class ClassCount:
 
     def text(self) -> str:
         rate = self.rate
-        return f"{self.correct}/{self.total}" + (f" ({100 * rate:.2f} %)" if rate is not None else "")
+        return f"{self.correct}/{self.total}" + (
+            f" ({100 * rate:.2f} %)" if rate is not None else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,9 @@ class Metrics:
 
 def predict(scores: np.ndarray, threshold: float, high_score_means: str) -> np.ndarray:
     """Verdicts as class names: above ``threshold`` is ``high_score_means`` (the service's rule)."""
-    return np.where(np.asarray(scores, float) > threshold, high_score_means, other(high_score_means))
+    return np.where(
+        np.asarray(scores, float) > threshold, high_score_means, other(high_score_means)
+    )
 
 
 def positive_scores(scores: np.ndarray, high_score_means: str, positive: str = "ai") -> np.ndarray:
@@ -173,9 +177,10 @@ def compute_metrics(
         negatives=ClassCount(negative, int(matrix[0, 0]), int(matrix[0].sum())),
         positives=ClassCount(positive, int(matrix[1, 1]), int(matrix[1].sum())),
         accuracy=float(accuracy_score(labels, predicted)),
-        balanced_accuracy=float(balanced_accuracy_score(labels, predicted)) if both_classes
+        balanced_accuracy=float(balanced_accuracy_score(labels, predicted))
+        if both_classes
         else float(accuracy_score(labels, predicted)),
-        f1={name: float(value) for name, value in zip(CLASSES, f1)},
+        f1={name: float(value) for name, value in zip(CLASSES, f1, strict=True)},
         auc_roc=auc,
         average_precision=average_precision,
         tpr_at_fpr=tprs,
@@ -236,7 +241,9 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "n/a (one class only)" if value is None else f"{value:.{digits}f}"
 
 
-def format_table(metrics: Metrics, *, title: str | None = None, extra: Sequence[tuple[str, str]] = ()) -> str:
+def format_table(
+    metrics: Metrics, *, title: str | None = None, extra: Sequence[tuple[str, str]] = ()
+) -> str:
     """The seed's table (counts and rates per class, F1, AUC-ROC) and our additional metrics."""
     neg, pos = metrics.negative, metrics.positive
     higher = f"score above {metrics.threshold:g} means {metrics.high_score_means}"
@@ -256,7 +263,8 @@ def format_table(metrics: Metrics, *, title: str | None = None, extra: Sequence[
         lines.append(
             (
                 "best threshold (balanced accuracy)",
-                f"{metrics.best_threshold:.4f} (balanced accuracy {metrics.best_balanced_accuracy:.4f})",
+                f"{metrics.best_threshold:.4f} "
+                f"(balanced accuracy {metrics.best_balanced_accuracy:.4f})",
             )
         )
     lines.extend(extra)

@@ -80,7 +80,10 @@ class FeatureCache:
         return found
 
     def put_many(self, features: Mapping[str, np.ndarray]) -> None:
-        rows = [(sha, np.asarray(v).reshape(-1).astype(_WIRE_DTYPE).tobytes()) for sha, v in features.items()]
+        rows = [
+            (sha, np.asarray(v).reshape(-1).astype(_WIRE_DTYPE).tobytes())
+            for sha, v in features.items()
+        ]
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?)", rows)
 

@@ -1,4 +1,4 @@
-"""The labelled folders ``evaluate`` and ``train`` read: every image file under ``--real`` and ``--ai``.
+"""The labelled folders ``evaluate`` and ``train`` read: the image files under ``--real``, ``--ai``.
 
 Files are found recursively by suffix and sorted, so the same folders always give the same order
 (and ``train --seed`` the same split). Unreadable or non-image content is left to the scoring path,
@@ -12,7 +12,9 @@ from pathlib import Path
 
 from shared.cli import UsageError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif"}
+)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def _validated(kind: str, value: float) -> Perturbation:
 
 
 def parse(spec: str) -> list[Perturbation]:
-    """``"jpeg:75,resize:0.5,blur:1.0"`` -> perturbations; :class:`ValueError` says what is wrong."""
+    """Parse ``"jpeg:75,resize:0.5,blur:1.0"``; a :class:`ValueError` says what is wrong."""
     perturbations: list[Perturbation] = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         kind, _, raw = item.partition(":")

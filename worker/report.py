@@ -76,7 +76,13 @@ def _histogram(path: Path, condition: Condition) -> Path:
     scores, labels = _scored_arrays(condition)
     bins = np.linspace(-1, 1, 41)
     for name, colour in (("real", "tab:blue"), ("ai", "tab:red")):
-        axes.hist(scores[labels == name], bins=bins, alpha=0.55, color=colour, label=f"{name} ({(labels == name).sum()})")
+        axes.hist(
+            scores[labels == name],
+            bins=bins,
+            alpha=0.55,
+            color=colour,
+            label=f"{name} ({(labels == name).sum()})",
+        )
     if condition.metrics is not None:
         axes.axvline(condition.metrics.threshold, color="black", linewidth=1, label="threshold")
         means = condition.metrics.high_score_means
@@ -92,13 +98,19 @@ def _histogram(path: Path, condition: Condition) -> Path:
 def _csv(path: Path, conditions: Sequence[Condition]) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["condition", "path", "class", "score", "predicted", "correct", "error", "sha256"])
+        writer.writerow(
+            ["condition", "path", "class", "score", "predicted", "correct", "error", "sha256"]
+        )
         for condition in conditions:
             metrics = condition.metrics
             for row in condition.rows:
                 predicted = ""
                 if row.score is not None and metrics is not None:
-                    predicted = str(predict(np.array([row.score]), metrics.threshold, metrics.high_score_means)[0])
+                    predicted = str(
+                        predict(np.array([row.score]), metrics.threshold, metrics.high_score_means)[
+                            0
+                        ]
+                    )
                 writer.writerow(
                     [
                         condition.name,

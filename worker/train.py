@@ -209,7 +209,9 @@ def gather_features(
     missing = [index for index, sha in enumerate(hashes) if sha and sha not in known]
     extracted: dict[str, np.ndarray] = {}
     if missing:
-        print(f"extracting features of {len(missing)} files ({len(known)} already cached)", flush=True)
+        print(
+            f"extracting features of {len(missing)} files ({len(known)} already cached)", flush=True
+        )
         rows = extract([files[index].path for index in missing])
         for index, row in zip(missing, rows, strict=True):
             if not row.get("ok"):
@@ -227,11 +229,13 @@ def gather_features(
     else:
         print(f"all {len(known)} files' features are cached", flush=True)
     features = {**known, **extracted}
-    usable = [(item, sha) for item, sha in zip(files, hashes) if sha in features]
+    usable = [(item, sha) for item, sha in zip(files, hashes, strict=True) if sha in features]
     return usable, features, +errors
 
 
-def _deduplicated(usable: list[tuple[LabelledFile, str]]) -> tuple[list[tuple[LabelledFile, str]], int, int]:
+def _deduplicated(
+    usable: list[tuple[LabelledFile, str]],
+) -> tuple[list[tuple[LabelledFile, str]], int, int]:
     """One entry per content; content filed under both classes is dropped (its label is unknown)."""
     labels_of: dict[str, set[str]] = {}
     for item, sha in usable:
@@ -251,9 +255,15 @@ def _validate(args: argparse.Namespace) -> None:
     checks = [
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.patience >= 1, "--patience must be at least 1"),
-        (0 < args.val_split < 1 and 0 < args.test_split < 1, "--val-split and --test-split must be in (0, 1)"),
+        (
+            0 < args.val_split < 1 and 0 < args.test_split < 1,
+            "--val-split and --test-split must be in (0, 1)",
+        ),
         (args.val_split + args.test_split < 1, "--val-split + --test-split must be below 1"),
-        (args.lr > 0 and args.weight_decay >= 0, "--lr must be positive, --weight-decay not negative"),
+        (
+            args.lr > 0 and args.weight_decay >= 0,
+            "--lr must be positive, --weight-decay not negative",
+        ),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (args.batch_size is None or args.batch_size >= 1, "--batch-size must be at least 1"),
         (args.timeout > 0, "--timeout must be positive"),
@@ -282,7 +292,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"left out, could not be read or embedded: {sum(errors.values())} ({detail})")
     usable, duplicates, conflicting = _deduplicated(usable)
     if duplicates or conflicting:
-        print(f"left out: {duplicates} duplicate files, {conflicting} files whose content is in both folders")
+        print(
+            f"left out: {duplicates} duplicate files, "
+            f"{conflicting} files whose content is in both folders"
+        )
 
     x = np.stack([features[sha] for _, sha in usable]).astype(np.float32)
     y = np.array([item.label for item, _ in usable])
@@ -311,7 +324,10 @@ def run(args: argparse.Namespace) -> int:
     from worker.preprocess import Preprocessing
 
     counts = Counter(y.tolist())
-    head = {"linear.weight": trained.weight.float().contiguous(), "linear.bias": trained.bias.float().contiguous()}
+    head = {
+        "linear.weight": trained.weight.float().contiguous(),
+        "linear.bias": trained.bias.float().contiguous(),
+    }
     metadata = head_metadata(
         tower=tower_name,
         hidden_size=x.shape[1],
@@ -326,7 +342,11 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "epochs_run": trained.epochs_run,
             "best_epoch": trained.best_epoch,
-            "hyperparameters": {"lr": args.lr, "weight_decay": args.weight_decay, "dropout": args.dropout},
+            "hyperparameters": {
+                "lr": args.lr,
+                "weight_decay": args.weight_decay,
+                "dropout": args.dropout,
+            },
             "test_auc_roc": metrics.auc_roc,
             "date": utc_now(),
         },
