@@ -9,6 +9,7 @@ can overrun the deadline by at most one socket timeout (``min(FETCH_TIMEOUT, 5 s
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -79,6 +80,11 @@ def _read_capped(stream: BinaryIO, max_bytes: int, deadline: float, what: str) -
         chunks.append(chunk)
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    """``open()``'s opener: opening a FIFO for reading would block until a writer comes."""
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
 class Sources:
     """Fetches image bytes. One instance per process: its S3 client is thread-safe and pooled."""
 
@@ -129,8 +135,11 @@ class Sources:
     def _fetch_local(self, ref: LocalRef, deadline: float) -> bytes:
         path = self.check_local_path(ref.path)
         try:
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
+            with open(path, "rb", opener=_open_nonblocking) as handle:
+                info = os.fstat(handle.fileno())
+                if not stat.S_ISREG(info.st_mode):  # a FIFO or device: no end, or no writer
+                    raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: not a regular file")
+                size = info.st_size
                 if size > self.max_bytes:
                     raise ScoringError(
                         ErrorCode.TOO_LARGE,
