@@ -16,7 +16,7 @@ from shared.celery_app import app
 from shared.errors import ErrorCode
 from shared.results import Result
 from shared.task_names import BULK_QUEUE, EMBED, MAX_URIS_PER_TASK, SCORE, SCORE_MANY
-from worker import runtime
+from worker import metrics, runtime
 from worker.batcher import Lane
 
 
@@ -38,6 +38,7 @@ def _uri_list(uris: Any, extra: tuple, kwargs: dict) -> str | None:
 
 def _bad_request(uris: list[Any], reason: str) -> list[Result]:
     factory = runtime.current().service.results
+    metrics.ERRORS.labels(ErrorCode.BAD_REQUEST.value).inc(len(uris))
     return [factory.error(uri, ErrorCode.BAD_REQUEST, reason) for uri in uris]
 
 
@@ -80,7 +81,13 @@ def score_many(self: Task, uris: Any = None, *extra: Any, **kwargs: Any) -> list
         return _bad_request(uris if isinstance(uris, list) else [uris], problem)
     service = runtime.current().service
     lane = _lane(self)
-    return _counted(self, uris, lambda: service.score_uris(uris, lane))
+
+    def one(uri: Any) -> Result:
+        if not isinstance(uri, str):  # a wrong type in the payload, not a malformed URI
+            return _bad_request([uri], f"expected a URI string, got {type(uri).__name__}")[0]
+        return service.score_uri(uri, lane)
+
+    return _counted(self, uris, lambda: service.map(one, uris))
 
 
 @app.task(name=EMBED, bind=True)
