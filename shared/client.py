@@ -9,9 +9,11 @@ timeout, so work nobody waits for any more is dropped by the worker instead of s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
@@ -49,6 +51,8 @@ def _wait(handle: AsyncResult, timeout: float) -> Any:
         value = handle.get(timeout=timeout)
     except CeleryTimeout:
         raise ScoreTimeout(f"no result for task {handle.id} within {timeout} s") from None
+    except TaskRevokedError:  # its expiry (our timeout) passed before a worker took it
+        raise ScoreTimeout(f"task {handle.id} expired before a worker took it") from None
     handle.forget()  # the caller has it now; do not keep it in Redis until RESULT_EXPIRES
     return value
 
@@ -61,13 +65,15 @@ def score(uri: str, timeout: float = 30.0) -> Result:
 def score_many(uris: Sequence[str], timeout: float = 120.0, *, bulk: bool = False) -> list[Result]:
     """Score many images (split into tasks of 256); results in input order.
 
+    ``timeout`` is one deadline for all of them (the tasks all expire at it), not one per task.
     ``bulk=True`` sends them to the bulk queue, behind interactive work, without expiry.
     """
     queue = BULK_QUEUE if bulk else INTERACTIVE_QUEUE
+    deadline = time.monotonic() + timeout
     handles = submit_many(uris, timeout=None if bulk else timeout, queue=queue)
     results: list[Result] = []
     for handle in handles:
-        results.extend(_wait(handle, timeout))
+        results.extend(_wait(handle, max(deadline - time.monotonic(), 0.001)))
     return results
 
 
