@@ -14,6 +14,7 @@ import sys
 from shared.cli import EXIT_OK, UsageError
 from shared.settings import get_settings
 from worker.loader import ModelLoadError, load_model
+from worker.memory import limit_malloc_arenas
 from worker.service import ScoringService
 
 
@@ -26,6 +27,7 @@ def _readable(uri: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     settings = get_settings()
+    limit_malloc_arenas()
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     try:

@@ -49,7 +49,10 @@ def serve(settings: Settings, extra: list[str]) -> int:
     from worker.loader import ModelLoadError, load_model
     from worker.service import ScoringService
 
+    from worker.memory import limit_malloc_arenas
+
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/realscore] %(message)s")
+    limit_malloc_arenas()
     try:
         loaded = load_model(
             settings.model, settings.head_weights, device=settings.device, dtype=settings.dtype
@@ -102,7 +105,8 @@ def supervise(gpu_ids: list[int], extra: list[str], settings: Settings) -> int:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), REALSCORE_DEVICE="cuda:0")
         if settings.metrics_port:
             env["REALSCORE_METRICS_PORT"] = str(settings.metrics_port + gpu)
-        command = [sys.executable, "-m", "shared.cli", "worker", "-n", f"gpu{gpu}@%h", *extra]
+        # Our node name goes last so it wins over a user's -n: each child needs its own.
+        command = [sys.executable, "-m", "shared.cli", "worker", *extra, "-n", f"gpu{gpu}@%h"]
         children.append(subprocess.Popen(command, env=env))
 
     def forward(signum: int, _frame: object) -> None:
