@@ -134,3 +134,12 @@ def test_unreadable_file_is_access_denied(tree: dict[str, Path]) -> None:
     path.chmod(0)
     sources = Sources(local_roots=[tree["root"]], max_bytes=10, timeout=5)
     assert _code(sources, str(path)) == ErrorCode.ACCESS_DENIED
+
+
+@pytest.mark.parametrize("timeout", [3.0, 30.0, 120.0])
+def test_s3_retries_fit_inside_the_fetch_deadline(timeout: float) -> None:
+    sources = Sources(local_roots=[], max_bytes=1, timeout=timeout, s3_endpoint_url="http://127.0.0.1:9")
+    config = sources.s3.meta.config
+    attempts = config.retries["total_max_attempts"]
+    assert (config.connect_timeout + config.read_timeout) * attempts <= timeout
+    assert config.read_timeout <= 5.0  # a stalled read overruns the deadline by at most this

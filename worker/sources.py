@@ -2,8 +2,9 @@
 
 Size limits are enforced while reading (an object is never read whole to learn it is too big) and
 the deadline is checked by our own read loop: botocore's timeouts apply per socket read and
-multiply with its retries, and Celery's time limits do nothing in the thread pool. A stalled read
-can overrun the deadline by at most one socket timeout (``min(FETCH_TIMEOUT, 5 s)``).
+multiply with its retries, and Celery's time limits do nothing in the thread pool. S3 socket
+timeouts are sized so botocore's three attempts fit in ``FETCH_TIMEOUT``; a stalled read can then
+overrun the deadline by at most one socket timeout (``min(5 s, FETCH_TIMEOUT / 6)``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from shared.errors import ErrorCode, ScoringError
 
 CHUNK_BYTES = 1 << 20
+S3_ATTEMPTS = 3
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId"}
 
@@ -167,7 +169,9 @@ class Sources:
         import boto3
         from botocore.config import Config
 
-        socket_timeout = min(self.timeout, 5.0)
+        # Three attempts of (connect + read) each fit in FETCH_TIMEOUT, so botocore's own retries
+        # cannot carry a fetch far past its deadline before our read loop even starts.
+        socket_timeout = min(5.0, self.timeout / (2 * S3_ATTEMPTS))
         return boto3.session.Session().client(
             "s3",
             endpoint_url=self._s3_endpoint_url,
@@ -175,7 +179,7 @@ class Sources:
                 max_pool_connections=self._max_pool_connections,
                 connect_timeout=socket_timeout,
                 read_timeout=socket_timeout,
-                retries={"mode": "standard", "total_max_attempts": 3},
+                retries={"mode": "standard", "total_max_attempts": S3_ATTEMPTS},
             ),
         )
 
