@@ -143,3 +143,68 @@ def test_s3_retries_fit_inside_the_fetch_deadline(timeout: float) -> None:
     attempts = config.retries["total_max_attempts"]
     assert (config.connect_timeout + config.read_timeout) * attempts <= timeout
     assert config.read_timeout <= 5.0  # a stalled read overruns the deadline by at most this
+
+
+def test_symlink_loop_is_not_found_not_internal(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    (root / "loop-a").symlink_to(root / "loop-b")
+    (root / "loop-b").symlink_to(root / "loop-a")
+    for roots in ([root], None):  # resolve() raises on the policy path; open() without roots
+        sources = Sources(local_roots=roots, max_bytes=1000, timeout=5)
+        with pytest.raises(ScoringError) as caught:
+            sources.fetch(str(root / "loop-a"))
+        assert caught.value.code == ErrorCode.NOT_FOUND
+        assert "symlink loop" in caught.value.message
+
+
+def test_name_too_long_is_bad_uri_with_a_short_message(tree: dict[str, Path]) -> None:
+    path = str(tree["root"] / ("x" * 5000))
+    for roots in ([tree["root"]], None):
+        sources = Sources(local_roots=roots, max_bytes=1000, timeout=5)
+        with pytest.raises(ScoringError) as caught:
+            sources.fetch(path)
+        assert caught.value.code == ErrorCode.BAD_URI
+        assert "too long" in caught.value.message
+        assert len(caught.value.message) < 500
+
+
+def test_other_os_errors_from_resolve_or_open_are_not_internal(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import worker.sources as sources_module
+
+    def failing_open(path: str, flags: int) -> int:
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(sources_module, "_open_nonblocking", failing_open)
+    sources = Sources(local_roots=[tree["root"]], max_bytes=1000, timeout=5)
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch(str(tree["root"] / "ok.bin"))
+    assert caught.value.code == ErrorCode.NOT_FOUND
+    assert "Input/output error" in caught.value.message
+
+    def failing_resolve(self: Path, strict: bool = False) -> Path:
+        raise OSError(errno.ELOOP, "Too many levels of symbolic links", str(self))
+
+    monkeypatch.setattr(Path, "resolve", failing_resolve)  # Python 3.13 raises ELOOP here
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch(str(tree["root"] / "ok.bin"))
+    assert caught.value.code == ErrorCode.NOT_FOUND
+    assert "symlink loop" in caught.value.message
+
+
+@pytest.mark.parametrize("uri", ["s3://a b/k", "s3://bad!name/k"])
+def test_invalid_bucket_name_is_bad_uri_before_any_request(
+    uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # Port 9 (discard) would refuse a connection: botocore must reject the name before sending.
+    sources = Sources(local_roots=[], max_bytes=10, timeout=3, s3_endpoint_url="http://127.0.0.1:9")
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch(uri)
+    assert caught.value.code == ErrorCode.BAD_URI
+    assert "bucket name" in caught.value.message

@@ -9,6 +9,7 @@ overrun the deadline by at most one socket timeout (``min(5 s, FETCH_TIMEOUT / 6
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -82,6 +83,31 @@ def _read_capped(stream: BinaryIO, max_bytes: int, deadline: float, what: str) -
         chunks.append(chunk)
 
 
+def _shown(path: str, limit: int = 200) -> str:
+    """``path`` for a message, cut short: a name too long to open is too long to echo whole."""
+    return path if len(path) <= limit else f"{path[:limit]}..."
+
+
+def _local_error(path: str, error: OSError) -> ScoringError:
+    """An ``OSError`` from resolving or opening a local file as a stable code, never ``internal``."""
+    shown = _shown(path)
+    number = error.errno
+    if number in (errno.ENOENT, errno.ENOTDIR):
+        return ScoringError(ErrorCode.NOT_FOUND, f"{shown}: no such file")
+    if number == errno.EISDIR:
+        return ScoringError(ErrorCode.NOT_FOUND, f"{shown}: is a directory")
+    if number in (errno.EACCES, errno.EPERM):
+        return ScoringError(ErrorCode.ACCESS_DENIED, f"{shown}: permission denied")
+    if number == errno.ENAMETOOLONG:
+        return ScoringError(ErrorCode.BAD_URI, f"{shown}: file name too long")
+    if number == errno.ELOOP:
+        return ScoringError(
+            ErrorCode.NOT_FOUND, f"{shown}: too many levels of symbolic links (a symlink loop)"
+        )
+    reason = error.strerror or type(error).__name__
+    return ScoringError(ErrorCode.NOT_FOUND, f"{shown}: cannot be read ({reason})")
+
+
 def _open_nonblocking(path: str, flags: int) -> int:
     """``open()``'s opener: opening a FIFO for reading would block until a writer comes."""
     return os.open(path, flags | os.O_NONBLOCK)
@@ -119,7 +145,14 @@ class Sources:
 
     def check_local_path(self, path: str) -> Path:
         """The resolved path (symlinks and ``..`` gone), if the policy allows it."""
-        resolved = Path(os.path.abspath(path)).resolve()
+        try:
+            resolved = Path(os.path.abspath(path)).resolve()
+        except RuntimeError:  # Python < 3.13 reports a symlink loop this way, not as ELOOP
+            raise ScoringError(
+                ErrorCode.NOT_FOUND, f"{_shown(path)}: symlink loop, the path never resolves"
+            ) from None
+        except OSError as error:
+            raise _local_error(path, error) from None
         if self.local_roots is None:
             return resolved
         if not self.local_roots:
@@ -148,12 +181,8 @@ class Sources:
                         f"{ref.path}: {size} bytes, over {self.max_bytes} (REALSCORE_MAX_IMAGE_BYTES)",
                     )
                 return _read_capped(handle, self.max_bytes, deadline, ref.path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: no such file") from None
-        except IsADirectoryError:
-            raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: is a directory") from None
-        except PermissionError:
-            raise ScoringError(ErrorCode.ACCESS_DENIED, f"{ref.path}: permission denied") from None
+        except OSError as error:  # ELOOP, ENAMETOOLONG, EIO... too: none of them is `internal`
+            raise _local_error(ref.path, error) from None
 
     # S3 --------------------------------------------------------------------------------------
 
@@ -184,7 +213,13 @@ class Sources:
         )
 
     def _fetch_s3(self, ref: S3Ref, deadline: float) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            ParamValidationError,
+            ReadTimeoutError,
+        )
 
         what = f"s3://{ref.bucket}/{ref.key}"
         try:
@@ -212,5 +247,11 @@ class Sources:
             raise ScoringError(ErrorCode.INTERNAL, f"{what}: S3 said {code} ({status})") from None
         except (ConnectTimeoutError, ReadTimeoutError):
             raise ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: S3 did not answer in time") from None
+        except ParamValidationError as error:  # botocore checks names before sending anything
+            if "bucket name" in str(error).lower():
+                message = f"{what}: {ref.bucket!r} is not a valid S3 bucket name"
+            else:
+                message = f"{what}: S3 refused the request's parameters ({_shown(str(error))})"
+            raise ScoringError(ErrorCode.BAD_URI, message) from None
         except BotoCoreError as error:
             raise ScoringError(ErrorCode.INTERNAL, f"{what}: {error}") from None
