@@ -208,3 +208,58 @@ def test_invalid_bucket_name_is_bad_uri_before_any_request(
         sources.fetch(uri)
     assert caught.value.code == ErrorCode.BAD_URI
     assert "bucket name" in caught.value.message
+
+
+def _swap_after_check(
+    sources: Sources, monkeypatch: pytest.MonkeyPatch, directory: Path, target: Path
+) -> None:
+    """Between the policy check and ``open``, replace ``directory`` by a symlink to ``target``."""
+    checked = sources.check_local_path
+
+    def check_then_swap(path: str) -> Path:
+        resolved = checked(path)
+        directory.rename(directory.with_name(directory.name + "-moved"))
+        directory.symlink_to(target, target_is_directory=True)
+        return resolved
+
+    monkeypatch.setattr(sources, "check_local_path", check_then_swap)
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-fd", "no-proc"])
+def test_directory_swapped_for_a_symlink_after_the_check_is_refused(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch, proc: bool
+) -> None:
+    import worker.sources as sources_module
+
+    root, outside = tree["root"], tree["outside"]
+    (root / "album").mkdir()
+    (root / "album" / "secret.bin").write_bytes(b"inside")  # same name as the file outside
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    if not proc:
+        monkeypatch.setattr(sources_module, "_opened_path", lambda fd: None)
+    _swap_after_check(sources, monkeypatch, root / "album", outside)
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch(str(root / "album" / "secret.bin"))  # open() now follows album -> outside
+    assert caught.value.code == ErrorCode.FORBIDDEN_PATH
+    assert "REALSCORE_LOCAL_ROOTS" in caught.value.message
+
+
+def test_swap_that_stays_inside_the_roots_is_still_served(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tree["root"]
+    (root / "album").mkdir()
+    (root / "album" / "ok.bin").write_bytes(b"old")
+    (root / "other").mkdir()
+    (root / "other" / "ok.bin").write_bytes(b"new")
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    _swap_after_check(sources, monkeypatch, root / "album", root / "other")
+    assert sources.fetch(str(root / "album" / "ok.bin")) == b"new"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_opened_path_is_the_kernels_name(tree: dict[str, Path]) -> None:
+    from worker.sources import _opened_path
+
+    with open(tree["root"] / "inside-link", "rb") as handle:  # a symlink to ok.bin
+        assert _opened_path(handle.fileno()) == str((tree["root"] / "ok.bin").resolve())

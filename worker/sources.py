@@ -89,7 +89,7 @@ def _shown(path: str, limit: int = 200) -> str:
 
 
 def _local_error(path: str, error: OSError) -> ScoringError:
-    """An ``OSError`` from resolving or opening a local file as a stable code, never ``internal``."""
+    """An ``OSError`` from resolving or opening a local file as a stable code, not ``internal``."""
     shown = _shown(path)
     number = error.errno
     if number in (errno.ENOENT, errno.ENOTDIR):
@@ -106,6 +106,31 @@ def _local_error(path: str, error: OSError) -> ScoringError:
         )
     reason = error.strerror or type(error).__name__
     return ScoringError(ErrorCode.NOT_FOUND, f"{shown}: cannot be read ({reason})")
+
+
+def _resolve(path: str) -> Path:
+    """``path`` absolute with symlinks and ``..`` gone; resolution failures as error codes."""
+    try:
+        return Path(os.path.abspath(path)).resolve()
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way, not as ELOOP
+        raise ScoringError(
+            ErrorCode.NOT_FOUND, f"{_shown(path)}: symlink loop, the path never resolves"
+        ) from None
+    except OSError as error:
+        raise _local_error(path, error) from None
+
+
+def _opened_path(fd: int) -> str | None:
+    """The kernel's absolute path of an open descriptor, or None where ``/proc`` is absent.
+
+    ``os.readlink`` rather than ``os.path.realpath``: the link's target is already canonical, and
+    realpath would walk it by name once more, which is the race this check exists to close.
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return target if target.startswith("/") else None  # e.g. "pipe:[123]": not a path
 
 
 def _open_nonblocking(path: str, flags: int) -> int:
@@ -145,14 +170,7 @@ class Sources:
 
     def check_local_path(self, path: str) -> Path:
         """The resolved path (symlinks and ``..`` gone), if the policy allows it."""
-        try:
-            resolved = Path(os.path.abspath(path)).resolve()
-        except RuntimeError:  # Python < 3.13 reports a symlink loop this way, not as ELOOP
-            raise ScoringError(
-                ErrorCode.NOT_FOUND, f"{_shown(path)}: symlink loop, the path never resolves"
-            ) from None
-        except OSError as error:
-            raise _local_error(path, error) from None
+        resolved = _resolve(path)
         if self.local_roots is None:
             return resolved
         if not self.local_roots:
@@ -160,17 +178,51 @@ class Sources:
                 ErrorCode.FORBIDDEN_PATH,
                 "local files are not served: REALSCORE_LOCAL_ROOTS is empty",
             )
-        if not any(resolved.is_relative_to(root) for root in self.local_roots):
+        if not self._inside_roots(resolved):
             raise ScoringError(
                 ErrorCode.FORBIDDEN_PATH,
                 f"{path} is outside REALSCORE_LOCAL_ROOTS",
             )
         return resolved
 
+    def _inside_roots(self, path: Path) -> bool:
+        return any(path.is_relative_to(root) for root in self.local_roots or ())
+
+    def check_opened(self, fd: int, path: str) -> None:
+        """Refuse an open file that is not inside the roots, whatever its name said before.
+
+        :meth:`check_local_path` resolves by name and ``open`` walks the name again: a directory
+        swapped for a symlink in between would lead outside the roots. The kernel knows which
+        file the descriptor really is; ``/proc/self/fd`` (Linux) tells us. Without ``/proc`` the
+        name is resolved again and must still be inside and be the same inode as the descriptor
+        (a narrower window, not none).
+        """
+        if self.local_roots is None:
+            return
+        escaped = (
+            f"{_shown(path)}: the path changed while it was opened and now leads outside "
+            "REALSCORE_LOCAL_ROOTS"
+        )
+        opened = _opened_path(fd)
+        if opened is not None:
+            if not self._inside_roots(Path(opened)):
+                raise ScoringError(ErrorCode.FORBIDDEN_PATH, escaped)
+            return
+        again = _resolve(path)
+        info = os.fstat(fd)
+        try:
+            named = os.stat(again)
+        except OSError:
+            raise ScoringError(ErrorCode.FORBIDDEN_PATH, escaped) from None
+        same = (named.st_dev, named.st_ino) == (info.st_dev, info.st_ino)
+        if not (same and self._inside_roots(again)):
+            raise ScoringError(ErrorCode.FORBIDDEN_PATH, escaped)
+
     def _fetch_local(self, ref: LocalRef, deadline: float) -> bytes:
         path = self.check_local_path(ref.path)
         try:
             with open(path, "rb", opener=_open_nonblocking) as handle:
+                self.check_opened(handle.fileno(), ref.path)  # before anything is read
                 info = os.fstat(handle.fileno())
                 if not stat.S_ISREG(info.st_mode):  # a FIFO or device: no end, or no writer
                     raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: not a regular file")
