@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(64_000_000, ge=1)
     fetch_timeout: float = Field(30.0, gt=0)
     s3_endpoint_url: str | None = None
+    s3_buckets: list[str] = Field(
+        default_factory=list, description="buckets s3:// URIs may name; empty: any reachable"
+    )
 
     # Verdicts.
     threshold: float = Field(0.0, ge=-1.0, le=1.0)

@@ -263,3 +263,52 @@ def test_opened_path_is_the_kernels_name(tree: dict[str, Path]) -> None:
 
     with open(tree["root"] / "inside-link", "rb") as handle:  # a symlink to ok.bin
         assert _opened_path(handle.fileno()) == str((tree["root"] / "ok.bin").resolve())
+
+
+def test_bucket_outside_s3_buckets_is_forbidden_before_any_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sources = Sources(
+        local_roots=[], max_bytes=10, timeout=3, s3_endpoint_url="http://127.0.0.1:9",
+        s3_buckets=["media", "uploads"],
+    )
+
+    def no_client() -> None:
+        raise AssertionError("a refused bucket must not reach S3")
+
+    monkeypatch.setattr(sources, "_make_s3_client", no_client)
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch("s3://private-backups/db.jpg")
+    assert caught.value.code == ErrorCode.FORBIDDEN_PATH
+    assert "REALSCORE_S3_BUCKETS" in caught.value.message
+    assert "private-backups" in caught.value.message
+
+
+@pytest.mark.parametrize("buckets", [None, []])
+def test_no_s3_buckets_setting_allows_any_bucket(
+    buckets: list[str] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FakeS3:
+        def get_object(self, *, Bucket: str, Key: str) -> dict:  # noqa: N803 - boto3's names
+            import io
+
+            return {"Body": io.BytesIO(b"img"), "ContentLength": 3}
+
+    sources = Sources(local_roots=[], max_bytes=10, timeout=3, s3_buckets=buckets)
+    monkeypatch.setattr(sources, "_make_s3_client", FakeS3)
+    assert sources.fetch("s3://any-bucket/a.jpg") == b"img"
+
+
+def test_s3_buckets_setting_reaches_the_service_sources(
+    monkeypatch: pytest.MonkeyPatch, loaded_model
+) -> None:
+    from shared.settings import load_settings
+    from worker.service import ScoringService
+
+    monkeypatch.setenv("REALSCORE_S3_BUCKETS", '["media", "uploads"]')
+    settings = load_settings()
+    assert settings.s3_buckets == ["media", "uploads"]
+    service = ScoringService(loaded_model, settings)  # not started: no threads to stop
+    assert service.sources.s3_buckets == {"media", "uploads"}
+    monkeypatch.delenv("REALSCORE_S3_BUCKETS")
+    assert load_settings().s3_buckets == []  # the default: any bucket

@@ -74,6 +74,7 @@ class ScoringService:
             max_bytes=settings.max_image_bytes,
             timeout=settings.fetch_timeout,
             s3_endpoint_url=settings.s3_endpoint_url,
+            s3_buckets=settings.s3_buckets,
             # Celery's task threads fetch for `score` while this process's fetch pool (as many
             # threads) fetches for `score_many`: both can hold a connection at once.
             max_pool_connections=max(settings.task_concurrency + threads, 10),

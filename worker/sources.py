@@ -148,6 +148,7 @@ class Sources:
         max_bytes: int,
         timeout: float,
         s3_endpoint_url: str | None = None,
+        s3_buckets: Sequence[str] | None = None,
         max_pool_connections: int = 64,
     ) -> None:
         # None trusts every path (the embedded CLI); a list, even empty, is the worker's policy.
@@ -155,6 +156,8 @@ class Sources:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._s3_endpoint_url = s3_endpoint_url
+        # None or empty: any bucket the credentials reach; otherwise only these.
+        self.s3_buckets = frozenset(s3_buckets or ())
         self._max_pool_connections = max_pool_connections
         self._s3 = None
         self._s3_lock = threading.Lock()  # task threads race to the first S3 fetch
@@ -274,6 +277,11 @@ class Sources:
         )
 
         what = f"s3://{ref.bucket}/{ref.key}"
+        if self.s3_buckets and ref.bucket not in self.s3_buckets:
+            raise ScoringError(
+                ErrorCode.FORBIDDEN_PATH,
+                f"{what}: bucket {ref.bucket!r} is not in REALSCORE_S3_BUCKETS",
+            )
         try:
             response = self.s3.get_object(Bucket=ref.bucket, Key=ref.key)
             body = response["Body"]
