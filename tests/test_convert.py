@@ -138,3 +138,103 @@ def test_usage_errors_exit_2(capsys, realscore_env, tiny_clip_dir, seed_checkpoi
         == 2
     )
     assert "not found" in capsys.readouterr().err
+
+
+def _other_tiny_clip(directory: Path, **changes: object) -> Path:
+    """A tiny tower like ``tiny_clip_dir`` (same hidden size) with some config values changed."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from tests.tiny_clip import TINY_CONFIG
+
+    CLIPVisionModel(CLIPVisionConfig(**{**TINY_CONFIG, **changes})).save_pretrained(directory)
+    CLIPImageProcessorPil().save_pretrained(directory)
+    return directory
+
+
+def test_converted_head_records_the_towers_config(
+    capsys, realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path
+):
+    out = tmp_path / "head.safetensors"
+    _convert(capsys, seed_checkpoint, out, tiny_clip_dir)
+    metadata = safe_open(str(out), framework="pt").metadata()
+    assert json.loads(metadata["tower_config"]) == {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "image_size": 224,
+        "patch_size": 14,
+        "num_hidden_layers": 2,
+    }
+
+
+def test_head_for_a_tower_of_the_same_width_but_another_config_is_refused(
+    capsys, realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path
+):
+    out = tmp_path / "head.safetensors"
+    _convert(capsys, seed_checkpoint, out, tiny_clip_dir)
+    deeper = _other_tiny_clip(tmp_path / "deeper-tower", num_hidden_layers=3)
+    # Both names are local directories and the hidden sizes match: only the fingerprint differs.
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(str(deeper), out, device="cpu", dtype="float32")
+    message = str(caught.value)
+    assert "num_hidden_layers=2" in message and "num_hidden_layers=3" in message
+    assert str(tiny_clip_dir) in message and str(deeper) in message
+    load_model(str(tiny_clip_dir), out, device="cpu", dtype="float32")  # its own tower loads
+
+
+def test_hub_ids_are_compared_even_when_a_same_named_folder_is_in_the_cwd(
+    tiny_clip_dir, tmp_path, monkeypatch
+):
+    tower = load_tower(str(tiny_clip_dir))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "other").mkdir(parents=True)  # must not switch the comparison off
+    with pytest.raises(Exception, match="made for tower org/other"):
+        check_metadata({"tower": "org/other"}, tower, "org/tower")
+    # A local directory on either side is not a hub id: the config fingerprint decides instead.
+    check_metadata({"tower": str(tmp_path / "org" / "other")}, tower, "org/tower")
+    check_metadata({"tower": "org/other"}, tower, str(tiny_clip_dir))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "detail"),
+    [
+        ({"hidden_size": "thirty-two"}, "thirty-two"),
+        ({"hidden_size": ""}, "malformed"),
+        ({"tower_config": 32}, "malformed"),  # not a string: a TypeError inside
+        ({"tower_config": "{not json"}, "malformed"),
+        ({"tower_config": "[32]"}, "not a JSON object"),
+    ],
+)
+def test_malformed_metadata_is_a_weights_error(tiny_clip_dir, metadata, detail):
+    from worker.weights import WeightsError
+
+    tower = load_tower(str(tiny_clip_dir))
+    with pytest.raises(WeightsError, match=detail):
+        check_metadata(metadata, tower, str(tiny_clip_dir))
+
+
+def test_malformed_metadata_stops_the_loader_with_its_error(
+    realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path, capsys
+):
+    from worker.headfile import write_weights
+    from worker.weights import read_checkpoint
+
+    out = tmp_path / "head.safetensors"
+    _convert(capsys, seed_checkpoint, out, tiny_clip_dir)
+    checkpoint = read_checkpoint(out)
+    broken = tmp_path / "broken.safetensors"
+    write_weights(broken, checkpoint.head, {**checkpoint.metadata, "hidden_size": "32.5"})
+    with pytest.raises(ModelLoadError, match="malformed"):
+        load_model(str(tiny_clip_dir), broken, device="cpu", dtype="float32")
+
+
+def test_tower_without_preprocessor_config_is_a_model_load_error(
+    tiny_clip_dir, seed_checkpoint, tmp_path
+):
+    import shutil
+
+    bare = tmp_path / "no-preprocessor"
+    shutil.copytree(tiny_clip_dir, bare)
+    (bare / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="preprocessing"):
+        load_model(str(bare), seed_checkpoint, device="cpu", dtype="float32")

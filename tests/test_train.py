@@ -104,6 +104,7 @@ def test_train_learns_separable_families(
     assert metadata["tower"] == str(tiny_clip_dir) and metadata["hidden_size"] == "32"
     assert (metadata["threshold"], metadata["high_score_means"]) == ("0.0", "real")
     assert json.loads(metadata["preprocessing"])["crop_height"] == 224
+    assert json.loads(metadata["tower_config"])["num_hidden_layers"] == 2  # the loader checks it
     training = json.loads(metadata["training_data"])
     assert training["real"]["images"] == training["ai"]["images"] == COUNT
     assert training["seed"] == 0 and training["date"] == "2023-11-14T22:13:20Z"

@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         fine_tuned = bool(checkpoint.tower) and tower_differs(tower, checkpoint.tower)
     except (WeightsError, ModelLoadError) as error:
         raise UsageError(str(error)) from None
+    try:
+        preprocessing = Preprocessing.from_pretrained(tower_name)
+    except (OSError, ValueError) as error:  # the tower loaded, but its preprocessor config did not
+        raise UsageError(f"cannot load the preprocessing of {tower_name!r}: {error}") from None
 
     tower_tensors = None
     if fine_tuned:
@@ -52,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     threshold, means = verdict_rule(settings, checkpoint.metadata)
     metadata = head_metadata(
         tower=tower_name,
+        tower_config=tower.config,
         hidden_size=checkpoint.hidden_size,
-        preprocessing=Preprocessing.from_pretrained(tower_name),
+        preprocessing=preprocessing,
         threshold=threshold,
         high_score_means=means,
         training_data={

@@ -1,8 +1,9 @@
 """Writing self-describing head files (safetensors) for ``convert`` and ``train``.
 
 The metadata (all values strings, as safetensors requires) names the tower the head was made for,
-its hidden size, the preprocessing, the decision rule and where the weights came from;
-:func:`worker.loader.check_metadata` and :func:`worker.service.verdict_rule` read it back.
+a fingerprint of that tower's config, its hidden size, the preprocessing, the decision rule and
+where the weights came from; :func:`worker.loader.check_metadata` and
+:func:`worker.service.verdict_rule` read it back.
 The header is rewritten with sorted keys because safetensors serialises metadata in hash order:
 the same weights and metadata then always give the same bytes (and the same printed sha256).
 """
@@ -25,21 +26,38 @@ from worker.preprocess import Preprocessing
 from worker.weights import TOWER_PREFIX
 
 _ALIGN = 8
+# What in a tower's config a head depends on: the feature width, and what makes two towers of
+# the same width different models (the family, input size, patch size and depth).
+TOWER_CONFIG_KEYS = ("model_type", "hidden_size", "image_size", "patch_size", "num_hidden_layers")
+
+
+def tower_fingerprint(config: object) -> dict[str, object]:
+    """The :data:`TOWER_CONFIG_KEYS` of a transformers config (``None`` for a missing key)."""
+    return {key: getattr(config, key, None) for key in TOWER_CONFIG_KEYS}
 
 
 def head_metadata(
     *,
     tower: str,
+    tower_config: object,
     hidden_size: int,
     preprocessing: Preprocessing,
     threshold: float,
     high_score_means: str,
     training_data: Mapping[str, object],
 ) -> dict[str, str]:
-    """The metadata block every head we write carries."""
+    """The metadata block every head we write carries.
+
+    ``tower`` is recorded as given when it is a hub id and as an absolute path when it is a local
+    directory (a relative one would mean nothing on the machine that loads the head), so the
+    loader can tell the two apart. ``tower_config`` is the tower's transformers config.
+    """
+    if os.path.isdir(tower):  # transformers' own rule: an existing directory is loaded locally
+        tower = os.path.abspath(tower)
     return {
         "format": "realscore-head/1",
         "tower": tower,
+        "tower_config": json.dumps(tower_fingerprint(tower_config), sort_keys=True),
         "hidden_size": str(int(hidden_size)),
         "preprocessing": json.dumps(dataclasses.asdict(preprocessing), sort_keys=True),
         "threshold": repr(float(threshold)),

@@ -7,19 +7,25 @@ hash of the tower when it came from the checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import CLIPVisionModel
 
+from worker.headfile import tower_fingerprint
 from worker.model import RealScoreModel
 from worker.preprocess import Preprocessing
 from worker.weights import Checkpoint, WeightsError, read_checkpoint, tensors_sha256
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# "name" or "namespace/name", as the hub spells repository ids.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ModelLoadError(RuntimeError):
@@ -124,17 +130,61 @@ def tower_differs(tower: CLIPVisionModel, state: dict[str, torch.Tensor]) -> boo
     return False
 
 
+def is_hub_id(name: str, *, here: bool = False) -> bool:
+    """Whether ``name`` names a hub repository rather than a local directory.
+
+    ``here``: ``name`` is loaded by this process, so an existing directory of that name (which
+    transformers would load instead of the hub) makes it local. A name recorded in a head on
+    another machine is judged by its spelling alone: heads record local towers as absolute paths.
+    """
+    if not _HUB_ID.fullmatch(name) or ".." in name:
+        return False
+    return not (here and os.path.isdir(name))
+
+
+def _config_differences(recorded: object, tower: CLIPVisionModel) -> tuple[str, str]:
+    """``("key=made-for ...", "key=actual ...")`` for the keys where the two configs disagree."""
+    if not isinstance(recorded, dict):
+        raise WeightsError(f"head metadata tower_config is not a JSON object: {recorded!r}")
+    actual = tower_fingerprint(tower.config)
+    differing = [
+        key for key in sorted(recorded) if key in actual and recorded[key] != actual[key]
+    ]
+    return (
+        ", ".join(f"{key}={recorded[key]!r}" for key in differing),
+        ", ".join(f"{key}={actual[key]!r}" for key in differing),
+    )
+
+
 def check_metadata(metadata: dict[str, str], tower: CLIPVisionModel, tower_name: str) -> None:
-    """Refuse a self-describing head made for another tower."""
-    hidden = metadata.get("hidden_size")
-    if hidden is not None and int(hidden) != int(tower.config.hidden_size):
+    """Refuse a self-describing head made for another tower; malformed values are WeightsError."""
+    try:
+        hidden = metadata.get("hidden_size")
+        if hidden is not None and int(hidden) != int(tower.config.hidden_size):
+            raise WeightsError(
+                f"head was made for hidden size {hidden}, tower {tower_name} has "
+                f"{tower.config.hidden_size}"
+            )
+        recorded = metadata.get("tower_config")
+        if recorded is not None:
+            made_for, actual = _config_differences(json.loads(recorded), tower)
+            if made_for:
+                raise WeightsError(
+                    f"head was made for a tower ({metadata.get('tower', 'unnamed')}) with "
+                    f"{made_for}, but REALSCORE_MODEL={tower_name} has {actual}"
+                )
+    except (ValueError, TypeError) as error:
+        raise WeightsError(f"head metadata is malformed: {error}") from None
+    made_for_name = metadata.get("tower")
+    if (
+        made_for_name
+        and made_for_name != tower_name
+        and is_hub_id(made_for_name)
+        and is_hub_id(tower_name, here=True)
+    ):
         raise WeightsError(
-            f"head was made for hidden size {hidden}, tower {tower_name} has "
-            f"{tower.config.hidden_size}"
+            f"head was made for tower {made_for_name}, but REALSCORE_MODEL={tower_name}"
         )
-    made_for = metadata.get("tower")
-    if made_for and made_for != tower_name and not (Path(made_for).exists() or Path(tower_name).exists()):
-        raise WeightsError(f"head was made for tower {made_for}, but REALSCORE_MODEL={tower_name}")
 
 
 def model_id(tower_name: str, head_sha: str, tower_sha: str | None = None) -> str:
@@ -155,6 +205,10 @@ def build_model(
     precision = resolve_dtype(dtype, target)
     tower = load_tower(tower_name)
     check_metadata(checkpoint.metadata, tower, tower_name)
+    try:
+        preprocessing = Preprocessing.from_pretrained(tower_name)
+    except (OSError, ValueError) as error:  # e.g. no preprocessor_config.json beside the tower
+        raise ModelLoadError(f"cannot load the preprocessing of {tower_name!r}: {error}") from None
     tower_sha = None
     if checkpoint.tower and tower_differs(tower, checkpoint.tower):
         tower.load_state_dict(align_tower_keys(tower, checkpoint.tower), strict=False)
@@ -167,7 +221,7 @@ def build_model(
     model.linear.to(target)
     return LoadedModel(
         model=model,
-        preprocessing=Preprocessing.from_pretrained(tower_name),
+        preprocessing=preprocessing,
         model_id=model_id(tower_name, checkpoint.head_sha, tower_sha),
         device=target,
         dtype=precision,

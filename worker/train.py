@@ -274,6 +274,25 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(message)
 
 
+def _tower_description(tower_name: str, hidden_size: int) -> tuple[object, object]:
+    """The tower's config and preprocessing, for the head's metadata; they must fit the features."""
+    from transformers import CLIPVisionConfig
+
+    from worker.preprocess import Preprocessing
+
+    try:
+        config = CLIPVisionConfig.from_pretrained(tower_name)
+        preprocessing = Preprocessing.from_pretrained(tower_name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read the config of CLIP tower {tower_name!r}: {error}") from None
+    if config.hidden_size != hidden_size:
+        raise UsageError(
+            f"the features have {hidden_size} dimensions but tower {tower_name} has hidden size "
+            f"{config.hidden_size}: were they embedded by workers with another REALSCORE_MODEL?"
+        )
+    return config, preprocessing
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
     settings = get_settings()
@@ -321,8 +340,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(metrics, title=f"\n== held-out test split: {len(test_idx)} images =="))
 
-    from worker.preprocess import Preprocessing
-
+    tower_config, preprocessing = _tower_description(tower_name, x.shape[1])
     counts = Counter(y.tolist())
     head = {
         "linear.weight": trained.weight.float().contiguous(),
@@ -330,8 +348,9 @@ def run(args: argparse.Namespace) -> int:
     }
     metadata = head_metadata(
         tower=tower_name,
+        tower_config=tower_config,
         hidden_size=x.shape[1],
-        preprocessing=Preprocessing.from_pretrained(tower_name),
+        preprocessing=preprocessing,
         threshold=0.0,
         high_score_means=means,
         training_data={
