@@ -57,6 +57,12 @@ def test_redis_persists_and_never_evicts(compose: dict, services: dict) -> None:
     command = " ".join(_command(redis))
     assert re.search(r"--appendonly\s+yes", command)
     assert re.search(r"--maxmemory-policy\s+noeviction", command)
+    # The policy does nothing without a limit (the default, 0, means none on 64-bit builds).
+    arguments = _command(redis)
+    limit = arguments[arguments.index("--maxmemory") + 1]
+    default = re.fullmatch(r"\$\{REDIS_MAXMEMORY:-(\d+)(b|kb|mb|gb)?\}", limit, re.IGNORECASE)
+    assert default, f"--maxmemory should be ${{REDIS_MAXMEMORY:-SIZE}}, got {limit!r}"
+    assert int(default.group(1)) > 0
     volume = next(v for v in redis["volumes"] if v.split(":")[1] == "/data")
     assert volume.split(":")[0] in compose["volumes"]  # a named volume, not the container's layer
     assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
