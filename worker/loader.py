@@ -54,12 +54,6 @@ class LoadedModel:
         features = self.model.features(pixels)
         return self.model.head(features).tolist(), features.float().cpu()
 
-    @torch.inference_mode()
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pooled tower features (N, hidden) on the CPU, float32."""
-        pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        return self.model.features(pixels).float().cpu()
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -35,10 +35,6 @@ class Perturbation:
     def suffix(self) -> str:
         return ".jpg" if self.kind == "jpeg" else ".png"
 
-    def apply(self, rgb: Image.Image) -> Image.Image:
-        """The degraded RGB image."""
-        return decode.to_rgb(Image.open(io.BytesIO(self.encode(rgb))))
-
     def encode(self, rgb: Image.Image) -> bytes:
         """The degraded copy of an RGB image as file bytes (see :attr:`suffix`)."""
         buffer = io.BytesIO()
