@@ -110,7 +110,9 @@ def test_gpus_list_on_a_machine_without_cuda_stops_every_child_and_fails(worker_
     with private_redis() as url:
         done = _run_cli(["worker", "--gpus", "0,1"], _private_env(worker_env, url))
     assert done.returncode != 0, done.stdout
-    assert done.stdout.count("CUDA is not available") == 2, done.stdout  # both children's reason
+    # The first child to fail makes the supervisor SIGTERM the other, which may die before it
+    # prints its own reason: at least one reason, never a silent failure.
+    assert done.stdout.count("CUDA is not available") >= 1, done.stdout
 
 
 def test_gpus_all_without_a_gpu_is_a_usage_error(worker_env: dict) -> None:
