@@ -176,12 +176,36 @@ def test_score_raises_score_timeout_when_no_worker_answers(monkeypatch: pytest.M
         with pytest.raises(client.ScoreTimeout):
             client.score("/x.png", timeout=0.5)
         assert time.monotonic() - started < 5
-        # Three tasks, one deadline: not 3 x the timeout.
+        # Three tasks: the first wait already uses the whole (shared) deadline and raises. The
+        # bound only says the timeout is honoured (the default is 120 s) and stays loose for a
+        # loaded machine; test_score_many_tasks_share_one_deadline checks the sharing itself.
         started = time.monotonic()
         with pytest.raises(client.ScoreTimeout):
             client.score_many(["/x.png"] * (2 * MAX_URIS_PER_TASK + 1), timeout=1.0)
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 10
     assert isinstance(client.ScoreTimeout("x"), TimeoutError)  # callers may catch either
+
+
+def test_score_many_tasks_share_one_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each task answers late, within what is left: the next waits only for the rest.
+
+    A deadline per task would give every wait the full timeout (3 tasks x 1 s, 3 s in all);
+    the shared one leaves at most 1 - 2 x 0.3 s for the third. A loaded machine only makes the
+    sleeps longer and the remaining time smaller, so the bound cannot flake.
+    """
+    waits: list[float] = []
+
+    def late_answer(handle: object, timeout: float) -> list:
+        waits.append(timeout)
+        time.sleep(0.3)
+        return []
+
+    monkeypatch.setattr(client, "submit_many", lambda uris, **options: [object()] * 3)
+    monkeypatch.setattr(client, "_wait", late_answer)
+    client.score_many(["/x.png"] * (2 * MAX_URIS_PER_TASK + 1), timeout=1.0)
+    assert len(waits) == 3
+    assert waits[0] <= 1.0
+    assert waits[2] <= 1.0 - 2 * 0.3
 
 
 @pytest.mark.integration
