@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.processes import wait_until
 from worker.batcher import BatcherStopped, DynamicBatcher, Lane
 
 
@@ -57,35 +58,79 @@ def test_full_batch_does_not_wait() -> None:
     batcher.stop(timeout=10)
 
 
-def test_failing_item_is_isolated_by_the_caller_and_batch_failure_stays_in_its_batch() -> None:
+def test_a_failing_item_fails_alone_and_the_batcher_keeps_serving() -> None:
     calls: list[list[object]] = []
 
     def forward(items: list[object]) -> list[object]:
         calls.append(list(items))
         if "boom" in items:
-            raise RuntimeError("CUDA out of memory")
+            raise RuntimeError("CUDA error: device-side assert")
         return [str(item).upper() for item in items]
 
-    batcher = DynamicBatcher(forward, max_batch_size=2, max_wait_s=0.2)
-    first = [batcher.submit("a"), batcher.submit("boom")]
-    second = [batcher.submit("c"), batcher.submit("d")]
+    batcher = DynamicBatcher(forward, max_batch_size=4, max_wait_s=0.2)
+    futures = [batcher.submit(x) for x in ("a", "boom", "c", "d")]
     batcher.start()
-    with pytest.raises(RuntimeError, match="out of memory"):
-        first[1].result(timeout=10)
-    with pytest.raises(RuntimeError):
-        first[0].result(timeout=10)  # same batch: failed with it
-    assert [f.result(timeout=10) for f in second] == ["C", "D"]  # the next batch is served
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        futures[1].result(timeout=10)
+    assert [futures[i].result(timeout=10) for i in (0, 2, 3)] == ["A", "C", "D"]
+    assert calls[0] == ["a", "boom", "c", "d"]  # one batch first, then halves to isolate "boom"
+    assert ["boom"] in calls
     assert batcher.submit("e").result(timeout=10) == "E"  # and the batcher keeps serving
+    assert not batcher.broken
     batcher.stop(timeout=10)
 
 
-def test_wrong_number_of_outputs_fails_the_batch() -> None:
-    batcher = DynamicBatcher(lambda items: [1], max_batch_size=2, max_wait_s=0.2)
+def test_forward_that_always_fails_marks_the_batcher_broken_once() -> None:
+    broken: list[BaseException] = []
+
+    def forward(items: list[object]) -> list[object]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    batcher = DynamicBatcher(
+        forward, max_batch_size=2, max_wait_s=0.0, on_broken=broken.append, broken_after=3
+    ).start()
+    for _ in range(5):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            batcher.submit("x").result(timeout=10)
+    batcher.stop(timeout=10)
+    assert batcher.broken
+    assert len(broken) == 1 and "illegal memory access" in str(broken[0])
+
+
+def test_one_success_resets_the_failure_streak() -> None:
+    def forward(items: list[object]) -> list[object]:
+        if items == ["bad"]:
+            raise ValueError("bad input")
+        return items
+
+    batcher = DynamicBatcher(forward, max_batch_size=1, max_wait_s=0.0, broken_after=2).start()
+    for item in ("bad", "ok", "bad", "ok", "bad"):
+        future = batcher.submit(item)
+        if item == "bad":
+            with pytest.raises(ValueError):
+                future.result(timeout=10)
+        else:
+            assert future.result(timeout=10) == "ok"
+    batcher.stop(timeout=10)
+    assert not batcher.broken
+
+
+def test_wrong_number_of_outputs_fails_the_items() -> None:
+    batcher = DynamicBatcher(lambda items: [], max_batch_size=2, max_wait_s=0.2)
     futures = [batcher.submit(1), batcher.submit(2)]
     batcher.start()
     for future in futures:
-        with pytest.raises(RuntimeError, match="1 outputs for 2 items"):
+        with pytest.raises(RuntimeError, match="0 outputs for 1 items"):
             future.result(timeout=10)
+    batcher.stop(timeout=10)
+
+
+def test_flush_runs_a_partial_batch_without_waiting() -> None:
+    forward = Recorder()
+    batcher = DynamicBatcher(forward, max_batch_size=64, max_wait_s=600.0).start()
+    future = batcher.submit("lonely")
+    batcher.flush()  # what a warm shutdown does: nobody waits ten minutes for company
+    assert future.result(timeout=10) == "out:lonely"
     batcher.stop(timeout=10)
 
 
@@ -111,6 +156,8 @@ def test_stop_finishes_the_batch_in_flight_and_the_queue() -> None:
     queued = [batcher.submit("second"), batcher.submit("third")]
     stopper = threading.Thread(target=batcher.stop, kwargs={"timeout": 10})
     stopper.start()
+    wait_until(lambda: batcher.stopping, 10, "stop requested while 'first' is in flight")
+    assert not in_flight.done()
     release.set()
     stopper.join(10)
     assert not stopper.is_alive()

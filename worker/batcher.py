@@ -3,7 +3,12 @@
 A batch closes when it holds ``max_batch_size`` items or ``max_wait`` has passed since its oldest
 item arrived (the pattern of Triton's dynamic batcher and Ray Serve's ``@serve.batch``). Two lanes:
 interactive items are always taken before bulk ones, so a single web request never waits behind a
-prefetched backfill chunk. An exception in a forward pass fails only that batch's items.
+prefetched backfill chunk.
+
+A failed forward pass is retried in halves until the failing items are isolated, so one image
+that breaks the model fails alone. When every forward keeps failing (a poisoned CUDA context,
+say) the batcher calls ``on_broken`` once, so the worker can stop taking work instead of turning
+every later image into an error.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class DynamicBatcher(Generic[Item, Output]):
         max_batch_size: int,
         max_wait_s: float,
         name: str = "realscore-batcher",
+        on_broken: Callable[[BaseException], None] | None = None,
+        broken_after: int = 3,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -62,8 +69,13 @@ class DynamicBatcher(Generic[Item, Output]):
         self._lanes: tuple[deque[_Pending], deque[_Pending]] = (deque(), deque())
         self._cond = threading.Condition()
         self._stopping = False
+        self._flushing = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.batches_run = 0
+        self._on_broken = on_broken
+        self._broken_after = broken_after
+        self._failed_in_a_row = 0
+        self.broken = False
 
     def start(self) -> DynamicBatcher[Item, Output]:
         self._thread.start()
@@ -84,6 +96,16 @@ class DynamicBatcher(Generic[Item, Output]):
             self._cond.notify()
         return pending.future
 
+    def flush(self) -> None:
+        """Stop waiting for batches to fill: run whatever is queued at once (warm shutdown)."""
+        with self._cond:
+            self._flushing = True
+            self._cond.notify()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish everything already queued (the batch in flight included), then stop."""
         with self._cond:
@@ -91,10 +113,6 @@ class DynamicBatcher(Generic[Item, Output]):
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._lanes[0]) + len(self._lanes[1])
 
     def _queued(self) -> int:
         return len(self._lanes[0]) + len(self._lanes[1])
@@ -108,7 +126,7 @@ class DynamicBatcher(Generic[Item, Output]):
             if not self._queued():
                 return None  # stopping and drained
             deadline = self._oldest() + self.max_wait_s
-            while self._queued() < self.max_batch_size and not self._stopping:
+            while self._queued() < self.max_batch_size and not (self._stopping or self._flushing):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -132,18 +150,37 @@ class DynamicBatcher(Generic[Item, Output]):
         started = time.monotonic()
         for pending in batch:
             metrics.QUEUE_WAIT.labels(pending.lane.name.lower()).observe(started - pending.enqueued)
+        error = self._forward_isolating(batch)
+        if error is None:
+            self._failed_in_a_row = 0
+            return
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= self._broken_after and not self.broken:
+            self.broken = True
+            log.critical("%d batches in a row failed entirely: the model is unusable", self._failed_in_a_row)
+            if self._on_broken is not None:
+                self._on_broken(error)
+
+    def _forward_isolating(self, batch: list[_Pending]) -> BaseException | None:
+        """Resolve every item; retry a failed batch in halves. The error if nothing succeeded."""
+        started = time.monotonic()
         try:
             outputs = list(self._forward([p.item for p in batch]))
             if len(outputs) != len(batch):
                 raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(batch)} items")
         except BaseException as error:  # noqa: BLE001 - one bad batch must not stop the worker
-            log.exception("forward pass failed for a batch of %d", len(batch))
-            for pending in batch:
-                pending.future.set_exception(error)
-            return
+            if len(batch) == 1:
+                log.error("forward pass failed for one item: %r", error)
+                batch[0].future.set_exception(error)
+                return error
+            log.warning("forward pass failed for a batch of %d (%r); retrying in halves", len(batch), error)
+            middle = len(batch) // 2
+            first, second = self._forward_isolating(batch[:middle]), self._forward_isolating(batch[middle:])
+            return first if first is not None and second is not None else None
         finally:
             self.batches_run += 1
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.FORWARD_TIME.observe(time.monotonic() - started)
         for pending, output in zip(batch, outputs):
             pending.future.set_result(output)
+        return None
