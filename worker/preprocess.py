@@ -25,6 +25,10 @@ class Preprocessing:
     std: tuple[float, float, float]
     resample: int = Image.Resampling.BICUBIC
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_mean", np.asarray(self.mean, dtype=np.float32))
+        object.__setattr__(self, "_std", np.asarray(self.std, dtype=np.float32))
+
     @classmethod
     def from_pretrained(cls, name_or_dir: str) -> Preprocessing:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -61,9 +65,7 @@ class Preprocessing:
         resized = rgb.resize(self.resized_size(*rgb.size), resample=self.resample)
         pixels = self._center_crop(np.asarray(resized))
         scaled = pixels.astype(np.float32) * np.float32(1 / 255)
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        normalized = (scaled - mean) / std
+        normalized = (scaled - self._mean) / self._std
         return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
 
     def _center_crop(self, pixels: np.ndarray) -> np.ndarray:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+from PIL import Image
 
 from shared.errors import ErrorCode, ScoringError
 from shared.results import ResultFactory, Result
@@ -25,6 +26,7 @@ from shared.settings import Settings
 from worker import decode, metrics
 from worker.batcher import DynamicBatcher, Lane
 from worker.budget import ByteBudget
+from worker.features import encode_features
 from worker.loader import LoadedModel
 from worker.sources import Sources
 
@@ -63,6 +65,7 @@ class ScoringService:
         local_roots: Sequence[Path] | None = (),
         max_batch_size: int | None = None,
         threads: int | None = None,
+        on_broken: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.loaded = loaded
         self.settings = settings
@@ -75,26 +78,40 @@ class ScoringService:
             timeout=settings.fetch_timeout,
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_buckets=settings.s3_buckets,
-            # Celery's task threads fetch for `score` while this process's fetch pool (as many
-            # threads) fetches for `score_many`: both can hold a connection at once.
-            max_pool_connections=max(settings.task_concurrency + threads, 10),
+            # Celery's task threads fetch for `score` while this process's fetch pools (one per
+            # lane, as many threads each) fetch for `score_many`: all can hold a connection.
+            max_pool_connections=max(settings.task_concurrency + threads * len(Lane), 10),
         )
         self.budget = ByteBudget(settings.max_pending_bytes)
         self.batcher: DynamicBatcher[torch.Tensor, tuple[float, torch.Tensor]] = DynamicBatcher(
             self._forward,
             max_batch_size=max_batch_size or settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
+            on_broken=on_broken,
         )
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="realscore-fetch")
+        # One fetch pool per lane: a backfill's prefetched chunks must not queue ahead of an
+        # interactive score_many before its images even reach the (two-lane) batcher.
+        self._pools = {
+            lane: ThreadPoolExecutor(threads, thread_name_prefix=f"realscore-{lane.name.lower()}")
+            for lane in Lane
+        }
+        # Our own header check is the pixel limit; Pillow's global one must not refuse first.
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_image_pixels)
+
+    @property
+    def healthy(self) -> bool:
+        """False once forward passes keep failing (e.g. a poisoned CUDA context)."""
+        return not self.batcher.broken
 
     def start(self) -> ScoringService:
         self.batcher.start()
         return self
 
     def stop(self) -> None:
-        """Finish the queued work, then stop the batcher thread."""
+        """Finish the queued work (fetches first, then the batches they feed), then stop."""
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
         self.batcher.stop()
-        self._pool.shutdown(wait=True)
 
     def _forward(self, items: list[torch.Tensor]) -> list[tuple[float, torch.Tensor]]:
         scores, features = self.loaded.score_and_features(torch.stack(items))
@@ -121,46 +138,50 @@ class ScoringService:
         """Score and features of a prepared image, through the batcher (blocks until done)."""
         pixels = prepared.pixels
         taken = self.budget.acquire(pixels.numel() * pixels.element_size())
-        future = self.batcher.submit(pixels, lane, on_done=lambda: self.budget.release(taken))
+        try:
+            future = self.batcher.submit(pixels, lane, on_done=lambda: self.budget.release(taken))
+        except BaseException:
+            self.budget.release(taken)
+            raise
         return future.result()
 
     def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
         """One result, never an exception."""
-        return self._guarded(uri, lambda: self.prepare(uri), lane)
+        return self.score_prepared(uri, lambda: self.prepare(uri), lane)
 
     def score_bytes(self, uri: str, data: bytes, lane: Lane = Lane.INTERACTIVE) -> Result:
         """A result for image bytes already in memory (``uri`` only labels it)."""
-        return self._guarded(uri, lambda: self.prepare_bytes(data), lane)
+        return self.score_prepared(uri, lambda: self.prepare_bytes(data), lane)
 
-    def _guarded(self, uri: object, prepare: Callable[[], Prepared], lane: Lane) -> Result:
+    def score_prepared(self, uri: object, prepare: Callable[[], Prepared], lane: Lane) -> Result:
+        outcome = self._run(uri, prepare, lane)
+        if isinstance(outcome, _Failure):
+            return outcome.result
+        metrics.IMAGES_SCORED.inc()
+        return self.results.ok(uri, outcome.score, sha256=outcome.sha256, elapsed_ms=outcome.elapsed_ms)  # type: ignore[arg-type]
+
+    def embed_uri(self, uri: object, lane: Lane = Lane.BULK) -> dict:
+        """Pooled features of one image for training, encoded compactly (base64 float16)."""
+        outcome = self._run(uri, lambda: self.prepare(uri), lane)
+        if isinstance(outcome, _Failure):
+            return embed_row(outcome.result)
+        return embed_row(
+            {"uri": uri, "sha256": outcome.sha256, "model": self.results.model, "error": None},
+            outcome.features,
+        )
+
+    def _run(self, uri: object, prepare: Callable[[], Prepared], lane: Lane) -> _Done | _Failure:
+        """Prepare and infer one image; any failure becomes its error result."""
         started = time.monotonic()
         sha256 = None
         try:
             prepared = prepare()
             sha256 = prepared.sha256
-            score, _ = self.infer(prepared, lane)
+            score, features = self.infer(prepared, lane)
         except Exception as error:  # noqa: BLE001 - every failure is a per-image result
-            return self.error_result(uri, error, sha256 or getattr(error, "sha256", None), started)
-        metrics.IMAGES_SCORED.inc()
-        return self.results.ok(uri, score, sha256=sha256, elapsed_ms=_ms_since(started))  # type: ignore[arg-type]
-
-    def embed_uri(self, uri: object, lane: Lane = Lane.BULK) -> dict:
-        """Pooled features of one image for training, encoded compactly (base64 float16)."""
-        from worker.features import encode_features
-
-        started = time.monotonic()
-        sha256 = None
-        try:
-            prepared = self.prepare(uri)
-            sha256 = prepared.sha256
-            _, features = self.infer(prepared, lane)
-        except Exception as error:  # noqa: BLE001 - every failure is a per-image row
-            failed = self.error_result(uri, error, sha256 or getattr(error, "sha256", None), started)
-            return {"uri": failed["uri"], "ok": False, "sha256": failed["sha256"], "dim": 0,
-                    "features": None, "model": failed["model"], "error": failed["error"]}
-        return {"uri": uri, "ok": True, "sha256": sha256, "dim": int(features.shape[-1]),
-                "features": encode_features(features.numpy()), "model": self.results.model,
-                "error": None}
+            sha256 = sha256 or getattr(error, "sha256", None)
+            return _Failure(self.error_result(uri, error, sha256, started))
+        return _Done(score, features, sha256, _ms_since(started))
 
     def error_result(
         self, uri: object, error: BaseException, sha256: str | None, started: float
@@ -175,11 +196,40 @@ class ScoringService:
 
     def score_uris(self, uris: Sequence[object], lane: Lane = Lane.INTERACTIVE) -> list[Result]:
         """Results in input order; the images are fetched in parallel and batched together."""
-        return self.map(lambda uri: self.score_uri(uri, lane), uris)
+        return self.map(lambda uri: self.score_uri(uri, lane), uris, lane)
 
-    def map(self, function: Callable[[object], T], items: Sequence[object]) -> list[T]:
-        """``function`` over ``items`` on the process's fetch threads, results in order."""
-        return list(self._pool.map(function, items))
+    def map(
+        self, function: Callable[[object], T], items: Sequence[object], lane: Lane = Lane.INTERACTIVE
+    ) -> list[T]:
+        """``function`` over ``items`` on the lane's fetch threads, results in order."""
+        return list(self._pools[lane].map(function, items))
+
+
+@dataclass(frozen=True)
+class _Done:
+    score: float
+    features: torch.Tensor
+    sha256: str
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class _Failure:
+    result: Result
+
+
+def embed_row(result: Mapping[str, Any], features: torch.Tensor | None = None) -> dict:
+    """A ``realscore.embed`` row: features as base64 little-endian float16, or the error."""
+    ok = features is not None
+    return {
+        "uri": result["uri"],
+        "ok": ok,
+        "sha256": result.get("sha256"),
+        "dim": int(features.shape[-1]) if ok else 0,
+        "features": encode_features(features.numpy()) if ok else None,
+        "model": result["model"],
+        "error": None if ok else result["error"],
+    }
 
 
 def _ms_since(started: float) -> float:
