@@ -209,7 +209,7 @@ def private_worker(worker_env: dict, served_dir: Path, tmp_path_factory: pytest.
     with private_redis() as url:
         app = app_for(url)
         env = _private_env(
-            worker_env, url, REALSCORE_MAX_BATCH_SIZE="64", REALSCORE_MAX_WAIT_MS="6000"
+            worker_env, url, REALSCORE_MAX_BATCH_SIZE="64", REALSCORE_MAX_WAIT_MS="10000"
         )
         process = WorkerProcess(env, tmp_path_factory.mktemp("private") / "worker.log")
         yield app, process, images, url
@@ -249,7 +249,8 @@ def test_warm_shutdown_finishes_the_tasks_in_flight(private_worker) -> None:
         process.start()
     process.wait_ready(app, START_TIMEOUT)
     handles = [app.send_task(SCORE, args=[uri]) for uri in images]
-    # All four run (STARTED) and wait in the batcher for its 6 s window to close.
+    # All four run (STARTED) and wait in the batcher for its 10 s window to close; the warm
+    # shutdown must flush that batch at once rather than wait it out or drop it.
     wait_until(
         lambda: all(AsyncResult(h.id, app=app).state == "STARTED" for h in handles),
         30,

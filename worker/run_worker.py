@@ -13,9 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 from shared.celery_app import app
-from shared.cli import EXIT_FAILURE, UsageError
+from shared.cli import EXIT_FAILURE, EXIT_USAGE, UsageError
 from shared.settings import Settings, get_settings
 from shared.task_names import BULK_QUEUE, INTERACTIVE_QUEUE
 
@@ -44,12 +45,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(settings: Settings, extra: list[str]) -> int:
+    from celery import signals
+
     from worker import metrics, runtime
     from worker.attempts import AttemptCounter
     from worker.loader import ModelLoadError, load_model
-    from worker.service import ScoringService
-
     from worker.memory import limit_malloc_arenas
+    from worker.service import ScoringService
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/realscore] %(message)s")
     limit_malloc_arenas()
@@ -61,7 +63,19 @@ def serve(settings: Settings, extra: list[str]) -> int:
         print(f"realscore worker: cannot load the model: {error}", file=sys.stderr)
         return EXIT_FAILURE
     log.info("model %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
-    service = ScoringService(loaded, settings, local_roots=settings.local_roots).start()
+
+    broken = threading.Event()
+
+    def stop_consuming(error: BaseException) -> None:
+        # Every forward fails (e.g. a sticky CUDA error): taking more work would only turn it
+        # into error results. Warm-shut down; tasks not started yet go back to the queue.
+        broken.set()
+        log.critical("the model keeps failing (%r): stopping this worker", error)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    service = ScoringService(
+        loaded, settings, local_roots=settings.local_roots, on_broken=stop_consuming
+    ).start()
     attempts = AttemptCounter.from_url(
         settings.broker_url, settings.max_attempts, settings.visibility_timeout * (settings.max_attempts + 1)
     )
@@ -71,14 +85,28 @@ def serve(settings: Settings, extra: list[str]) -> int:
         log.info("metrics on :%d/metrics", settings.metrics_port)
     import worker.tasks  # noqa: F401 - registers the tasks
 
+    def flush_batches(**_: object) -> None:
+        service.batcher.flush()  # shutting down: run partial batches now, do not wait to fill
+
+    signals.worker_shutting_down.connect(flush_batches, weak=False)
     try:
-        app.worker_main(celery_argv(settings, extra))
-    except SystemExit as stop:
-        return int(stop.code or 0)
+        code = run_celery(celery_argv(settings, extra))
     finally:
+        signals.worker_shutting_down.disconnect(flush_batches)
         service.stop()  # Celery's warm shutdown waited for running tasks; drain what is left
         runtime.install(None)
-    return 0
+    return EXIT_FAILURE if broken.is_set() else code
+
+
+def run_celery(argv: list[str]) -> int:
+    """Celery's command line on our app; its exit code (``worker_main`` discards it)."""
+    import click
+
+    try:
+        return int(app.start(argv) or 0)
+    except click.ClickException as error:  # a bad celery argument: a usage error, not a traceback
+        error.show()
+        return EXIT_USAGE
 
 
 def _gpu_ids(spec: str) -> list[int]:
@@ -99,7 +127,11 @@ def _gpu_ids(spec: str) -> list[int]:
 
 
 def supervise(gpu_ids: list[int], extra: list[str], settings: Settings) -> int:
-    """One worker process per GPU, each pinned to its device; they start and stop together."""
+    """One worker process per GPU, each pinned to its device; they start and stop together.
+
+    Children get their own session, so a terminal's Ctrl-C reaches them once, through us: a
+    second SIGINT would make Celery's shutdown cold.
+    """
     children: list[subprocess.Popen] = []
     for gpu in gpu_ids:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), REALSCORE_DEVICE="cuda:0")
@@ -107,7 +139,7 @@ def supervise(gpu_ids: list[int], extra: list[str], settings: Settings) -> int:
             env["REALSCORE_METRICS_PORT"] = str(settings.metrics_port + gpu)
         # Our node name goes last so it wins over a user's -n: each child needs its own.
         command = [sys.executable, "-m", "shared.cli", "worker", *extra, "-n", f"gpu{gpu}@%h"]
-        children.append(subprocess.Popen(command, env=env))
+        children.append(subprocess.Popen(command, env=env, start_new_session=True))
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -117,17 +149,12 @@ def supervise(gpu_ids: list[int], extra: list[str], settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, forward)
     # The first child to exit ends them all: a half-up multi-GPU worker is worse than a restart.
-    exit_code = _wait_first(children)
-    forward(signal.SIGTERM, None)
+    pid, status = os.wait()
     for child in children:
-        child.wait()
-    return exit_code
-
-
-def _wait_first(children: list[subprocess.Popen]) -> int:
-    while True:
-        pid, status = os.wait()
-        for child in children:
-            if child.pid == pid:
-                child.returncode = os.waitstatus_to_exitcode(status)
-                return child.returncode if child.returncode > 0 else (0 if child.returncode == 0 else EXIT_FAILURE)
+        if child.pid == pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+    forward(signal.SIGTERM, None)
+    codes = [child.wait() for child in children]
+    if all(code == 0 for code in codes):
+        return 0
+    return max(max(codes), EXIT_FAILURE)  # killed by a signal (negative) is a failure too
