@@ -17,6 +17,11 @@ from shared.lifecycle_cli import add_commands
 from shared.settings import SettingsError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# Top-level modules of the optional extras, and the extra that brings each.
+_EXTRA_OF = {
+    "torch": "worker", "transformers": "worker", "PIL": "worker", "safetensors": "worker",
+    "numpy": "worker", "prometheus_client": "worker", "sklearn": "eval", "matplotlib": "eval",
+}
 
 
 class UsageError(Exception):
@@ -30,8 +35,12 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
         try:
             target = importlib.import_module(module)
         except ImportError as error:
+            extra = _EXTRA_OF.get((error.name or "").split(".")[0])
+            if extra is None:
+                raise  # a real bug, not a missing optional dependency
             raise UsageError(
-                f"this command needs the worker extra: pip install 'realscore[worker]' ({error})"
+                f"this command needs the {extra} extra: pip install 'realscore[{extra}]' "
+                f"({error.name} is not installed)"
             ) from None
         return int(target.run(args))
 

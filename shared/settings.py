@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "REALSCORE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_FIELD_IN_MESSAGE = re.compile(r'field "(\w+)"')
 
 
 class SettingsError(ValueError):
@@ -102,7 +103,13 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as error:
         raise SettingsError(_one_line(error)) from None
     except ValueError as error:  # pydantic-settings' own JSON parsing of list variables
-        raise SettingsError(str(error).splitlines()[0]) from None
+        field = _FIELD_IN_MESSAGE.search(str(error))
+        if field is None:
+            raise SettingsError(str(error).splitlines()[0]) from None
+        raise SettingsError(
+            f"{ENV_PREFIX}{field.group(1).upper()}: not valid JSON (list settings take a JSON "
+            "array, e.g. '[\"/data/media\"]')"
+        ) from None
 
 
 @lru_cache(maxsize=1)
