@@ -75,4 +75,8 @@ def app_for(url: str) -> Celery:
     from shared.celery_app import configure
     from shared.settings import load_settings
 
-    return configure(Celery("realscore-test"), load_settings(broker_url=url, result_backend=url))
+    app = configure(Celery("realscore-test"), load_settings(broker_url=url, result_backend=url))
+    # This Redis goes away with its test; results collected after that must not retry for long.
+    options = dict(app.conf.result_backend_transport_options)
+    app.conf.result_backend_transport_options = {**options, "retry_policy": {"max_retries": 0}}
+    return app
