@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import pytest
@@ -16,24 +14,10 @@ import pytest
 from shared import client
 from shared.errors import ErrorCode, ScoringError
 from shared.task_names import MAX_URIS_PER_TASK, SCORE, SCORE_MANY
+from tests.images import png_bomb
 from tests.tiny_clip import noise_image
 
 TIMEOUT = 60
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A well-formed PNG that declares ``width`` x ``height`` but carries almost no data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def jpeg_bytes(seed: int) -> bytes:
@@ -57,8 +41,8 @@ def cases(served_dir: Path, tmp_path_factory: pytest.TempPathFactory, worker_env
     (folder / "escape.png").symlink_to(outside / "secret.png")
     (folder / "notes.txt").write_text("this is not an image\n")
     (folder / "empty.png").write_bytes(b"")
-    (folder / "bomb.png").write_bytes(png_header(30_000, 30_000))  # Pillow's own bomb check
-    (folder / "big.png").write_bytes(png_header(9_000, 9_000))  # over our 64 Mpx, under Pillow's
+    (folder / "bomb.png").write_bytes(png_bomb(30_000, 30_000))  # Pillow's own bomb check
+    (folder / "big.png").write_bytes(png_bomb(9_000, 9_000))  # over our 64 Mpx, under Pillow's
     (folder / "truncated.jpg").write_bytes(jpeg_bytes(4)[:3000])
     limit = int(worker_env.get("REALSCORE_MAX_IMAGE_BYTES", 50 << 20))
     with open(folder / "huge.png", "wb") as handle:
