@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from tests.processes import wait_until
 from worker.budget import ByteBudget
 
 
@@ -62,3 +63,33 @@ def test_many_threads_never_exceed_capacity() -> None:
         thread.join(30)
     assert 0 < peak <= 1000
     assert budget.in_use == 0
+
+
+def test_a_large_request_is_not_starved_by_small_ones() -> None:
+    budget = ByteBudget(100)
+    first = budget.acquire(60)
+    big_done = threading.Event()
+
+    def big() -> None:
+        budget.release(budget.acquire(90, timeout=10))
+        big_done.set()
+
+    big_thread = threading.Thread(target=big)
+    big_thread.start()
+    wait_until(lambda: len(budget._waiters) == 1, 10, "the large request queued")
+    # 40 bytes are free, enough for a small request, but it queued after the large one.
+    with pytest.raises(TimeoutError):
+        budget.acquire(10, timeout=0.2)
+    budget.release(first)
+    assert big_done.wait(10)
+    big_thread.join(10)
+    assert budget.acquire(10, timeout=1) == 10
+
+
+def test_a_timed_out_waiter_leaves_the_line() -> None:
+    budget = ByteBudget(100)
+    held = budget.acquire(100)
+    with pytest.raises(TimeoutError):
+        budget.acquire(50, timeout=0.05)
+    budget.release(held)
+    assert budget.acquire(100, timeout=1) == 100  # nobody stale ahead of us

@@ -312,3 +312,44 @@ def test_s3_buckets_setting_reaches_the_service_sources(
     assert service.sources.s3_buckets == {"media", "uploads"}
     monkeypatch.delenv("REALSCORE_S3_BUCKETS")
     assert load_settings().s3_buckets == []  # the default: any bucket
+
+
+def test_s3_endpoint_that_never_answers_is_a_fetch_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real socket that accepts and then says nothing: the deadline, not botocore, decides."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_stay_silent() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    sources = Sources(local_roots=[], max_bytes=1 << 20, timeout=1.2, s3_endpoint_url=endpoint)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ScoringError) as caught:
+            sources.fetch("s3://bucket/stalled.jpg")
+    finally:
+        stop.set()
+        thread.join(5)
+        for connection in accepted:
+            connection.close()
+        listener.close()
+    assert caught.value.code == ErrorCode.FETCH_TIMEOUT
+    assert accepted  # it really reached the silent server
+    assert time.monotonic() - started < 1.2 + 1.0  # the deadline plus at most one socket timeout
