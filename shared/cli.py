@@ -48,7 +48,9 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="realscore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="realscore", description="Real photo or AI-generated? Score images with realscore."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     score = commands.add_parser("score", help="score images in-process (no broker), JSON lines out")

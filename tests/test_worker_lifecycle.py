@@ -123,6 +123,14 @@ def test_gpus_all_without_a_gpu_is_a_usage_error(worker_env: dict) -> None:
     assert "no CUDA GPU" in done.stdout
 
 
+def test_a_bad_celery_argument_is_a_usage_error_not_a_traceback(worker_env: dict) -> None:
+    with private_redis() as url:
+        done = _run_cli(["worker", "--no-such-celery-option"], _private_env(worker_env, url), timeout=60)
+    assert done.returncode == 2, done.stdout
+    assert "No such option" in done.stdout
+    assert "Traceback" not in done.stdout
+
+
 @pytest.mark.parametrize("spec", ["0,0", "x", "-1", ","])
 def test_bad_gpu_lists_are_usage_errors(spec: str) -> None:
     from shared.cli import UsageError
