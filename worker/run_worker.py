@@ -1,8 +1,8 @@
 """``realscore worker``: load the model, then run Celery's worker on it; or one process per GPU.
 
-The model is loaded here, before Celery's main loop, so a worker that cannot load it exits
-non-zero with the reason and never takes a task (a bootstep or ``worker_process_init`` failure
-would only be logged, and the latter never fires for the thread pool).
+The model is loaded here, before Celery's main loop even connects, so a worker that cannot load
+it exits non-zero with the reason and never takes a task (an exception in a signal handler such
+as ``worker_process_init`` would only be logged, and that signal never fires for the thread pool).
 """
 
 from __future__ import annotations
