@@ -12,7 +12,7 @@ import os
 import sys
 
 from shared.cli import EXIT_OK, UsageError
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 from worker.loader import ModelLoadError, load_model
 from worker.memory import limit_malloc_arenas
 from worker.service import ScoringService
@@ -25,20 +25,23 @@ def _readable(uri: str) -> str:
     return os.path.abspath(uri)
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = get_settings()
-    limit_malloc_arenas()
-    if args.batch_size is not None and args.batch_size < 1:
+def start_service(settings: Settings, batch_size: int | None = None) -> ScoringService:
+    """The configured model in this process, trusting every path: what ``score`` and
+    ``evaluate`` run. A model that cannot load is a usage error (exit 2)."""
+    if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    limit_malloc_arenas()
     try:
         loaded = load_model(
             settings.model, settings.head_weights, device=settings.device, dtype=settings.dtype
         )
     except ModelLoadError as error:
         raise UsageError(str(error)) from None
-    service = ScoringService(
-        loaded, settings, local_roots=None, max_batch_size=args.batch_size
-    ).start()
+    return ScoringService(loaded, settings, local_roots=None, max_batch_size=batch_size).start()
+
+
+def run(args: argparse.Namespace) -> int:
+    service = start_service(get_settings(), args.batch_size)
     try:
         results = service.score_uris([_readable(uri) for uri in args.uris])
     finally:

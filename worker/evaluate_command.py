@@ -39,21 +39,11 @@ class LocalScorer:
     """The model in this process, as ``realscore score`` runs it."""
 
     def __init__(self, settings: Settings, batch_size: int | None) -> None:
-        from worker.loader import ModelLoadError, load_model
-        from worker.service import ScoringService, verdict_rule
+        from worker.embedded import start_service
 
-        try:
-            loaded = load_model(
-                settings.model, settings.head_weights, device=settings.device, dtype=settings.dtype
-            )
-        except ModelLoadError as error:
-            raise UsageError(str(error)) from None
         self.settings = settings
-        self.model = loaded.model_id
-        self._rule = verdict_rule(settings, loaded.head_metadata)
-        self.service = ScoringService(
-            loaded, settings, local_roots=None, max_batch_size=batch_size
-        ).start()
+        self.service = start_service(settings, batch_size)
+        self.model = self.service.results.model
 
     def score(self, paths: list[Path]) -> list[Result]:
         return self.service.score_uris([str(path) for path in paths])
@@ -70,7 +60,7 @@ class LocalScorer:
         return self.service.map(one, paths)
 
     def rule(self, results: list[Result]) -> tuple[float, str]:
-        return self._rule
+        return self.service.results.threshold, self.service.results.high_score_means
 
     def close(self) -> None:
         self.service.stop()
