@@ -70,19 +70,23 @@ def score_many(uris: Sequence[str], timeout: float = 120.0, *, bulk: bool = Fals
     """
     queue = BULK_QUEUE if bulk else INTERACTIVE_QUEUE
     deadline = time.monotonic() + timeout
-    handles = submit_many(uris, timeout=None if bulk else timeout, queue=queue)
-    results: list[Result] = []
-    for handle in handles:
-        results.extend(_wait(handle, max(deadline - time.monotonic(), 0.001)))
-    return results
+    return _gather(submit_many(uris, timeout=None if bulk else timeout, queue=queue), deadline)
 
 
 def embed_many(uris: Sequence[str], timeout: float = 600.0) -> list[dict]:
-    """Pooled tower features for ``uris`` (base64 float16), for training on the workers' GPUs."""
+    """Pooled tower features for ``uris`` (base64 float16), for training on the workers' GPUs.
+
+    ``timeout`` is one deadline for all of them, as for :func:`score_many`."""
+    deadline = time.monotonic() + timeout
     handles = [app.send_task(EMBED, args=[chunk], queue=BULK_QUEUE) for chunk in chunks(list(uris))]
-    rows: list[dict] = []
+    return _gather(handles, deadline)
+
+
+def _gather(handles: list[AsyncResult], deadline: float) -> list[Any]:
+    """The chunks' result lists, concatenated in order, all waited for within one deadline."""
+    rows: list[Any] = []
     for handle in handles:
-        rows.extend(_wait(handle, timeout))
+        rows.extend(_wait(handle, max(deadline - time.monotonic(), 0.001)))
     return rows
 
 
