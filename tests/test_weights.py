@@ -119,3 +119,11 @@ def test_auto_dtype_is_float32_on_cpu(loaded_model) -> None:
     assert loaded_model.device.type == "cpu"
     assert not loaded_model.model.training
     assert not any(p.requires_grad for p in loaded_model.model.clip_encoder.parameters())
+
+
+@pytest.mark.parametrize("threshold", ["abc", "1.5"])
+def test_malformed_threshold_metadata_is_a_load_error(tiny_clip_dir: Path, seed_checkpoint: Path, tmp_path: Path, threshold: str) -> None:
+    path = tmp_path / "head.safetensors"
+    save_file(read_checkpoint(seed_checkpoint).head, str(path), metadata={"threshold": threshold})
+    with pytest.raises(ModelLoadError, match="threshold|malformed"):
+        load_model(str(tiny_clip_dir), path, device="cpu")

@@ -159,6 +159,8 @@ def check_metadata(metadata: dict[str, str], tower: CLIPVisionModel, tower_name:
                 f"head was made for hidden size {hidden}, tower {tower_name} has "
                 f"{tower.config.hidden_size}"
             )
+        if "threshold" in metadata and not -1.0 <= float(metadata["threshold"]) <= 1.0:
+            raise ValueError(f"threshold {metadata['threshold']} is outside the score's [-1, 1]")
         recorded = metadata.get("tower_config")
         if recorded is not None:
             made_for, actual = _config_differences(json.loads(recorded), tower)
