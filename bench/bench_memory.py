@@ -22,9 +22,9 @@ CHILD = r"""
 import json, resource, sys
 sys.path.insert(0, {root!r})
 from shared.settings import load_settings
-from worker.loader import load_model
-from worker.service import ScoringService
-from worker.memory import limit_malloc_arenas
+from worker.model.loader import load_model
+from worker.serving.service import ScoringService
+from worker.serving.memory import limit_malloc_arenas
 if {arena_cap}:
     limit_malloc_arenas()
 loaded = load_model({tower!r}, {head!r}, device="cpu", dtype="float32")

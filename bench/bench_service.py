@@ -32,9 +32,9 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from shared.settings import load_settings  # noqa: E402
 from tests.tiny_clip import TINY_CONFIG, make_seed_checkpoint, noise_image  # noqa: E402
-from worker.decode import decode  # noqa: E402
-from worker.loader import load_model  # noqa: E402
-from worker.service import ScoringService  # noqa: E402
+from worker.model.decode import decode  # noqa: E402
+from worker.model.loader import load_model  # noqa: E402
+from worker.serving.service import ScoringService  # noqa: E402
 
 TOWERS = {
     "tiny": TINY_CONFIG,

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score images in-process (no broker), JSON lines out")
     score.add_argument("uris", nargs="+", metavar="URI", help="path, file:// or s3:// URI")
     score.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
-    score.set_defaults(handler=_delegate("worker.embedded"))
+    score.set_defaults(handler=_delegate("worker.serving.embedded"))
 
     worker = commands.add_parser(
         "worker", help="run a Celery worker (extra arguments go to celery)", add_help=True
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--gpus", default=None, help="one worker process per GPU: '0,1' or 'all'"
     )
-    worker.set_defaults(handler=_delegate("worker.run_worker"), passthrough=True)
+    worker.set_defaults(handler=_delegate("worker.serving.run_worker"), passthrough=True)
 
     submit = commands.add_parser("submit", help="score through the queue, JSON lines out")
     submit.add_argument("uris", nargs="+", metavar="URI")

@@ -1,7 +1,7 @@
 """Arguments of the model-lifecycle commands: ``convert``, ``evaluate``, ``train``.
 
 Declared here, on the torch-free side, so ``realscore --help`` works without the worker extra; the
-handlers live in :mod:`worker.convert`, :mod:`worker.evaluate_command` and :mod:`worker.train`.
+handlers live in :mod:`worker.lifecycle.convert`, :mod:`worker.lifecycle.evaluate_command` and :mod:`worker.lifecycle.train`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     convert.add_argument(
         "--fp16", action="store_true", help="store a fine-tuned tower in float16 (half the size)"
     )
-    convert.set_defaults(handler=delegate("worker.convert"))
+    convert.set_defaults(handler=delegate("worker.lifecycle.convert"))
 
     evaluate = commands.add_parser(
         "evaluate", help="the seed's metrics table on two labelled folders, plots, robustness"
@@ -67,7 +67,7 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
         metavar="DIR",
         help="where degraded copies are written for --via-queue (a folder the workers can read)",
     )
-    evaluate.set_defaults(handler=delegate("worker.evaluate_command"))
+    evaluate.set_defaults(handler=delegate("worker.lifecycle.evaluate_command"))
 
     train = commands.add_parser("train", help="train a head on cached CLIP features")
     _folders(train)
@@ -98,4 +98,4 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     train.add_argument(
         "--cache-dir", default=None, help="feature cache (default: ~/.cache/realscore/features)"
     )
-    train.set_defaults(handler=delegate("worker.train"))
+    train.set_defaults(handler=delegate("worker.lifecycle.train"))

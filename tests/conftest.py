@@ -21,7 +21,7 @@ def seed_checkpoint(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="session")
 def loaded_model(tiny_clip_dir: Path, seed_checkpoint: Path):
-    from worker.loader import load_model
+    from worker.model.loader import load_model
 
     return load_model(str(tiny_clip_dir), seed_checkpoint, device="cpu", dtype="float32")
 

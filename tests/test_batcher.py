@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.processes import wait_until
-from worker.batcher import BatcherStopped, DynamicBatcher, Lane
+from worker.serving.batcher import BatcherStopped, DynamicBatcher, Lane
 
 
 class Recorder:

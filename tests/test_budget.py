@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from tests.processes import wait_until
-from worker.budget import ByteBudget
+from worker.serving.budget import ByteBudget
 
 
 def test_acquire_blocks_until_release() -> None:

@@ -96,7 +96,7 @@ def test_realscore_worker_is_what_the_tests_start() -> None:
 def test_worker_healthcheck_pings_its_own_node(services: dict) -> None:
     from celery.utils.nodenames import host_format
 
-    from worker.run_worker import celery_argv
+    from worker.serving.run_worker import celery_argv
 
     test = services["worker"]["healthcheck"]["test"]
     assert test[0] == "CMD-SHELL"  # $HOSTNAME must be expanded by a shell

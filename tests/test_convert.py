@@ -12,9 +12,9 @@ from safetensors import safe_open
 from shared.cli import main
 from shared.settings import get_settings, load_settings
 from tests.tiny_clip import make_seed_checkpoint, noise_image
-from worker.loader import ModelLoadError, check_metadata, load_model, load_tower
-from worker.service import verdict_rule
-from worker.weights import file_sha256
+from worker.model.loader import ModelLoadError, check_metadata, load_model, load_tower
+from worker.serving.service import verdict_rule
+from worker.model.weights import file_sha256
 
 
 def _pixels(loaded) -> torch.Tensor:
@@ -120,8 +120,8 @@ def test_wrong_hidden_size_metadata_stops_the_loader(
 ):
     out = tmp_path / "head.safetensors"
     _convert(capsys, seed_checkpoint, out, tiny_clip_dir)
-    from worker.headfile import write_weights
-    from worker.weights import read_checkpoint
+    from worker.model.headfile import write_weights
+    from worker.model.weights import read_checkpoint
 
     checkpoint = read_checkpoint(out)
     lying = tmp_path / "lying.safetensors"
@@ -206,7 +206,7 @@ def test_hub_ids_are_compared_even_when_a_same_named_folder_is_in_the_cwd(
     ],
 )
 def test_malformed_metadata_is_a_weights_error(tiny_clip_dir, metadata, detail):
-    from worker.weights import WeightsError
+    from worker.model.weights import WeightsError
 
     tower = load_tower(str(tiny_clip_dir))
     with pytest.raises(WeightsError, match=detail):
@@ -216,8 +216,8 @@ def test_malformed_metadata_is_a_weights_error(tiny_clip_dir, metadata, detail):
 def test_malformed_metadata_stops_the_loader_with_its_error(
     realscore_env, tiny_clip_dir, seed_checkpoint, tmp_path, capsys
 ):
-    from worker.headfile import write_weights
-    from worker.weights import read_checkpoint
+    from worker.model.headfile import write_weights
+    from worker.model.weights import read_checkpoint
 
     out = tmp_path / "head.safetensors"
     _convert(capsys, seed_checkpoint, out, tiny_clip_dir)

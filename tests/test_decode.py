@@ -10,7 +10,7 @@ from PIL import Image
 
 from shared.errors import ErrorCode, ScoringError
 from tests.images import png_bomb, write_variants
-from worker.decode import decode, open_image
+from worker.model.decode import decode, open_image
 
 
 @pytest.fixture(scope="module")

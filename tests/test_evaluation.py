@@ -11,7 +11,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from worker.evaluation import compute_metrics, format_table, predict
+from worker.lifecycle.evaluation import compute_metrics, format_table, predict
 
 RNG = np.random.default_rng(7)
 LABELS = np.array(["real"] * 40 + ["ai"] * 35)

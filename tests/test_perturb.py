@@ -10,7 +10,7 @@ from PIL import Image
 
 from shared.errors import ScoringError
 from tests.lifecycle_images import textured
-from worker.perturb import Perturbation, degrade, parse
+from worker.lifecycle.perturb import Perturbation, degrade, parse
 
 
 def _png(image: Image.Image) -> bytes:

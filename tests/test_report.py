@@ -80,7 +80,7 @@ def test_queue_path_reads_the_workers_rule(
     """``--via-queue``: results come from a real ScoringService standing in for the workers."""
     from shared import client
     from shared.settings import load_settings
-    from worker.service import ScoringService
+    from worker.serving.service import ScoringService
 
     worker_settings = load_settings(threshold=0.5, high_score_means="ai")
     service = ScoringService(loaded_model, worker_settings, local_roots=None).start()

@@ -1,7 +1,7 @@
 """S3 over HTTP: moto's standalone server (``s3_endpoint``), the real worker, the real boto3.
 
 Nothing is patched: the worker subprocess reaches moto through ``REALSCORE_S3_ENDPOINT_URL`` exactly
-as it would reach MinIO or AWS. The unit tests of :class:`worker.sources.Sources` use the same
+as it would reach MinIO or AWS. The unit tests of :class:`worker.serving.sources.Sources` use the same
 server.
 """
 
@@ -20,7 +20,7 @@ from botocore.exceptions import ClientError
 
 from shared import client
 from tests.tiny_clip import noise_image
-from worker.sources import CHUNK_BYTES, Sources
+from worker.serving.sources import CHUNK_BYTES, Sources
 
 SCORE_TOLERANCE = 1e-4
 
@@ -246,7 +246,7 @@ def test_sources_build_one_s3_client_with_a_pool_for_every_thread(s3_endpoint: s
 
 def test_scoring_service_pools_a_connection_per_fetching_thread(loaded_model, s3_endpoint: str) -> None:
     from shared.settings import load_settings
-    from worker.service import ScoringService
+    from worker.serving.service import ScoringService
 
     settings = load_settings(max_batch_size=8, s3_endpoint_url=s3_endpoint)
     service = ScoringService(loaded_model, settings)

@@ -1,6 +1,6 @@
 """``realscore.score_many`` with good images and every error code a local file, URI or payload can
 produce (S3's codes are in test_s3.py), through the real worker; and the fetch limits of
-``worker.sources`` that need a slow or endless source, at the unit level."""
+``worker.serving.sources`` that need a slow or endless source, at the unit level."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def test_malformed_score_payloads_are_bad_request_results(worker, served_dir: Pa
 
 
 class FakeClock:
-    """``time.monotonic`` for ``worker.sources`` that advances one second per reading."""
+    """``time.monotonic`` for ``worker.serving.sources`` that advances one second per reading."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -169,7 +169,7 @@ class FakeClock:
 
 
 def _sources(root: Path, **overrides):
-    from worker.sources import Sources
+    from worker.serving.sources import Sources
 
     options = dict(local_roots=[root], max_bytes=1 << 20, timeout=30.0)
     options.update(overrides)
@@ -179,7 +179,7 @@ def _sources(root: Path, **overrides):
 def test_fetch_timeout_is_one_deadline_over_the_whole_read_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.sources as sources
+    import worker.serving.sources as sources
 
     monkeypatch.setattr(sources, "CHUNK_BYTES", 100)
     monkeypatch.setattr(sources.time, "monotonic", FakeClock())
@@ -194,7 +194,7 @@ def test_fetch_timeout_is_one_deadline_over_the_whole_read_loop(
 
 def test_fetch_timeout_on_a_stream_that_never_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     """A body that keeps trickling (an S3 body, a socket) is cut at the deadline, not at EOF."""
-    import worker.sources as sources
+    import worker.serving.sources as sources
 
     clock = FakeClock()
     monkeypatch.setattr(sources.time, "monotonic", clock)
@@ -216,7 +216,7 @@ def test_fetch_timeout_on_a_stream_that_never_ends(monkeypatch: pytest.MonkeyPat
 
 def test_too_large_is_found_while_reading_not_after(monkeypatch: pytest.MonkeyPatch) -> None:
     """A body without a trustworthy length is cut one chunk past the cap, never read whole."""
-    import worker.sources as sources
+    import worker.serving.sources as sources
 
     class Endless(io.RawIOBase):
         reads = 0

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from shared.settings import load_settings
-from worker.batcher import Lane
-from worker.service import ScoringService
+from worker.serving.batcher import Lane
+from worker.serving.service import ScoringService
 
 
 @pytest.fixture()

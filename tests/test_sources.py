@@ -1,4 +1,4 @@
-"""URI parsing and the local-file policy of ``worker.sources`` (S3 is in test_s3.py)."""
+"""URI parsing and the local-file policy of ``worker.serving.sources`` (S3 is in test_s3.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ErrorCode, ScoringError
-from worker.sources import LocalRef, S3Ref, Sources, parse_uri
+from worker.serving.sources import LocalRef, S3Ref, Sources, parse_uri
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_read_loop_caps_a_stream_that_declares_no_size() -> None:
     import io
     import time
 
-    from worker.sources import _read_capped
+    from worker.serving.sources import _read_capped
 
     with pytest.raises(ScoringError) as caught:
         _read_capped(io.BytesIO(b"z" * (3 << 20)), 1 << 20, time.monotonic() + 10, "stream")
@@ -173,7 +173,7 @@ def test_other_os_errors_from_resolve_or_open_are_not_internal(
 ) -> None:
     import errno
 
-    import worker.sources as sources_module
+    import worker.serving.sources as sources_module
 
     def failing_open(path: str, flags: int) -> int:
         raise OSError(errno.EIO, "Input/output error", path)
@@ -229,7 +229,7 @@ def _swap_after_check(
 def test_directory_swapped_for_a_symlink_after_the_check_is_refused(
     tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch, proc: bool
 ) -> None:
-    import worker.sources as sources_module
+    import worker.serving.sources as sources_module
 
     root, outside = tree["root"], tree["outside"]
     (root / "album").mkdir()
@@ -259,7 +259,7 @@ def test_swap_that_stays_inside_the_roots_is_still_served(
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
 def test_opened_path_is_the_kernels_name(tree: dict[str, Path]) -> None:
-    from worker.sources import _opened_path
+    from worker.serving.sources import _opened_path
 
     with open(tree["root"] / "inside-link", "rb") as handle:  # a symlink to ok.bin
         assert _opened_path(handle.fileno()) == str((tree["root"] / "ok.bin").resolve())
@@ -303,7 +303,7 @@ def test_s3_buckets_setting_reaches_the_service_sources(
     monkeypatch: pytest.MonkeyPatch, loaded_model
 ) -> None:
     from shared.settings import load_settings
-    from worker.service import ScoringService
+    from worker.serving.service import ScoringService
 
     monkeypatch.setenv("REALSCORE_S3_BUCKETS", '["media", "uploads"]')
     settings = load_settings()

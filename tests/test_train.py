@@ -16,11 +16,11 @@ from safetensors import safe_open
 from shared.cli import main
 from shared.settings import load_settings
 from tests.lifecycle_images import smooth, textured, write_families
-from worker.evaluation import compute_metrics
-from worker.features import FeatureCache, decode_features, encode_features, tower_key
-from worker.loader import load_model
-from worker.service import ScoringService
-from worker.weights import file_sha256
+from worker.lifecycle.evaluation import compute_metrics
+from worker.lifecycle.features import FeatureCache, decode_features, encode_features, tower_key
+from worker.model.loader import load_model
+from worker.serving.service import ScoringService
+from worker.model.weights import file_sha256
 
 COUNT = 40  # per class
 

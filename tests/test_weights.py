@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from tests.tiny_clip import make_seed_checkpoint, make_tiny_clip, noise_image, seed_state_dict
-from worker.loader import ModelLoadError, load_model
-from worker.weights import WeightsError, read_checkpoint
+from worker.model.loader import ModelLoadError, load_model
+from worker.model.weights import WeightsError, read_checkpoint
 
 
 class NotATensor:

@@ -26,7 +26,7 @@ from shared.task_names import INTERACTIVE_QUEUE, SCORE, SCORE_MANY
 from tests.processes import WorkerProcess, wait_until
 from tests.tiny_clip import noise_image
 from tests.worker_helpers import app_for, private_redis
-from worker.attempts import KEY_PREFIX, AttemptCounter
+from worker.serving.attempts import KEY_PREFIX, AttemptCounter
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 120
@@ -134,7 +134,7 @@ def test_a_bad_celery_argument_is_a_usage_error_not_a_traceback(worker_env: dict
 @pytest.mark.parametrize("spec", ["0,0", "x", "-1", ","])
 def test_bad_gpu_lists_are_usage_errors(spec: str) -> None:
     from shared.cli import UsageError
-    from worker.run_worker import _gpu_ids
+    from worker.serving.run_worker import _gpu_ids
 
     with pytest.raises(UsageError):
         _gpu_ids(spec)
@@ -142,7 +142,7 @@ def test_bad_gpu_lists_are_usage_errors(spec: str) -> None:
 
 def test_worker_arguments_put_the_callers_last() -> None:
     from shared.settings import load_settings
-    from worker.run_worker import celery_argv
+    from worker.serving.run_worker import celery_argv
 
     argv = celery_argv(load_settings(max_batch_size=8), ["--concurrency", "5", "-n", "a@b"])
     assert argv[:3] == ["worker", "--pool", "threads"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Generic, TypeVar
 
-from worker import metrics
+from worker.serving import metrics
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
@@ -139,12 +139,14 @@ class DynamicBatcher(Generic[Item, Output]):
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
-            live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            live = []
+            for pending in batch:
+                if pending.future.set_running_or_notify_cancel():
+                    live.append(pending)
+                else:
+                    _release(pending)
             if live:
                 self._run_batch(live)
-            for pending in batch:
-                if pending.on_done is not None:
-                    pending.on_done()
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
@@ -171,6 +173,7 @@ class DynamicBatcher(Generic[Item, Output]):
         except BaseException as error:  # noqa: BLE001 - one bad batch must not stop the worker
             if len(batch) == 1:
                 log.error("forward pass failed for one item: %r", error)
+                _release(batch[0])
                 batch[0].future.set_exception(error)
                 return error
             log.warning("forward pass failed for a batch of %d (%r); retrying in halves", len(batch), error)
@@ -182,5 +185,14 @@ class DynamicBatcher(Generic[Item, Output]):
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.FORWARD_TIME.observe(time.monotonic() - started)
         for pending, output in zip(batch, outputs):
+            _release(pending)
             pending.future.set_result(output)
         return None
+
+
+def _release(pending: _Pending) -> None:
+    """Run ``on_done`` once, before the future resolves: a caller that sees its result must also
+    see what ``on_done`` released (the pixel budget)."""
+    on_done, pending.on_done = pending.on_done, None
+    if on_done is not None:
+        on_done()

@@ -1,6 +1,6 @@
 """``realscore evaluate --real DIR --ai DIR``: the seed's table on your own labelled folders.
 
-Scores every image in-process through :class:`worker.service.ScoringService` (the embedded mode's
+Scores every image in-process through :class:`worker.serving.service.ScoringService` (the embedded mode's
 path: same fetch, decode, preprocessing and batching as the worker) or, with ``--via-queue``,
 through running workers. ``--perturb`` re-scores degraded copies and prints a table for each;
 ``--report DIR`` writes plots, a per-file CSV and a JSON of all metrics. Images that cannot be
@@ -18,9 +18,9 @@ from typing import Protocol
 from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from shared.results import Result, ResultFactory
 from shared.settings import Settings, get_settings
-from worker.evaluation import Condition, Row, format_table, other
-from worker.folders import LabelledFile, labelled_files
-from worker.perturb import Perturbation, degrade, parse
+from worker.lifecycle.evaluation import Condition, Row, format_table, other
+from worker.lifecycle.folders import LabelledFile, labelled_files
+from worker.lifecycle.perturb import Perturbation, degrade, parse
 
 
 class Scorer(Protocol):
@@ -39,7 +39,7 @@ class LocalScorer:
     """The model in this process, as ``realscore score`` runs it."""
 
     def __init__(self, settings: Settings, batch_size: int | None) -> None:
-        from worker.embedded import start_service
+        from worker.serving.embedded import start_service
 
         self.settings = settings
         self.service = start_service(settings, batch_size)
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
 
     if args.report:
-        from worker.report import write_report
+        from worker.lifecycle.report import write_report
 
         summary = {
             "model": scorer.model,

@@ -1,6 +1,6 @@
 """``realscore convert CHECKPOINT --out FILE``: the seed's pickle -> a small, safe safetensors head.
 
-The checkpoint is read without full unpickling (:func:`worker.weights.read_checkpoint`). Its tower
+The checkpoint is read without full unpickling (:func:`worker.model.weights.read_checkpoint`). Its tower
 is compared with the pretrained one named by ``--model``: identical (the seed froze it) -> the file
 holds only the head, a few KB; different (a fine-tuned tower) -> the tower goes into the same file
 as ``clip_encoder.*``, optionally in float16. The printed ``model`` string is the one the worker
@@ -14,11 +14,11 @@ from pathlib import Path
 
 from shared.cli import EXIT_OK, UsageError
 from shared.settings import get_settings
-from worker.headfile import head_metadata, utc_now, write_weights
-from worker.loader import ModelLoadError, load_tower, model_id, tower_differs
-from worker.preprocess import Preprocessing
-from worker.service import verdict_rule
-from worker.weights import WeightsError, file_sha256, read_checkpoint, tensors_sha256
+from worker.model.headfile import head_metadata, utc_now, write_weights
+from worker.model.loader import ModelLoadError, load_tower, model_id, tower_differs
+from worker.model.preprocess import Preprocessing
+from worker.serving.service import verdict_rule
+from worker.model.weights import WeightsError, file_sha256, read_checkpoint, tensors_sha256
 
 
 def run(args: argparse.Namespace) -> int:

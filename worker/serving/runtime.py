@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.attempts import AttemptCounter
-from worker.service import ScoringService
+from worker.serving.attempts import AttemptCounter
+from worker.serving.service import ScoringService
 
 
 @dataclass

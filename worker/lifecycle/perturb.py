@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFilter
 
-from worker import decode
+from worker.model import decode
 
 KINDS = {
     "jpeg": "JPEG quality, 1-100",

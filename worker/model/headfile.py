@@ -2,8 +2,8 @@
 
 The metadata (all values strings, as safetensors requires) names the tower the head was made for,
 a fingerprint of that tower's config, its hidden size, the preprocessing, the decision rule and
-where the weights came from; :func:`worker.loader.check_metadata` and
-:func:`worker.service.verdict_rule` read it back.
+where the weights came from; :func:`worker.model.loader.check_metadata` and
+:func:`worker.serving.service.verdict_rule` read it back.
 The header is rewritten with sorted keys because safetensors serialises metadata in hash order:
 the same weights and metadata then always give the same bytes (and the same printed sha256).
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from worker.preprocess import Preprocessing
-from worker.weights import TOWER_PREFIX
+from worker.model.preprocess import Preprocessing
+from worker.model.weights import TOWER_PREFIX
 
 _ALIGN = 8
 # What in a tower's config a head depends on: the feature width, and what makes two towers of

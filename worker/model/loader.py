@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionModel
 
-from worker.headfile import tower_fingerprint
-from worker.model import RealScoreModel
-from worker.preprocess import Preprocessing
-from worker.weights import Checkpoint, WeightsError, read_checkpoint, tensors_sha256
+from worker.model.headfile import tower_fingerprint
+from worker.model.model import RealScoreModel
+from worker.model.preprocess import Preprocessing
+from worker.model.weights import Checkpoint, WeightsError, read_checkpoint, tensors_sha256
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

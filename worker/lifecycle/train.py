@@ -1,7 +1,7 @@
 """``realscore train --real DIR --ai DIR --out FILE``: a new head on cached CLIP tower features.
 
 1. Hash every file; features of files already in the cache (same content, same tower) are reused,
-   the rest are extracted in-process (through :class:`worker.service.ScoringService`, the worker's
+   the rest are extracted in-process (through :class:`worker.serving.service.ScoringService`, the worker's
    own preprocessing and batching) or, with ``--via-queue``, by the workers' ``realscore.embed``.
 2. Split per class into train / validation (early stopping) / test (the printed table), by seed.
 3. Train dropout + linear with BCE and AdamW on the CPU, single-threaded with a seeded generator,
@@ -32,12 +32,12 @@ from torch import nn
 
 from shared.cli import EXIT_OK, UsageError
 from shared.settings import Settings, get_settings
-from worker.evaluation import compute_metrics, format_table, other
-from worker.features import FeatureCache, decode_features, default_cache_dir, tower_key
-from worker.folders import LabelledFile, labelled_files
-from worker.headfile import head_metadata, utc_now, write_weights
-from worker.loader import model_id
-from worker.weights import file_sha256, tensors_sha256
+from worker.lifecycle.evaluation import compute_metrics, format_table, other
+from worker.lifecycle.features import FeatureCache, decode_features, default_cache_dir, tower_key
+from worker.lifecycle.folders import LabelledFile, labelled_files
+from worker.model.headfile import head_metadata, utc_now, write_weights
+from worker.model.loader import model_id
+from worker.model.weights import file_sha256, tensors_sha256
 
 TRAIN_BATCH = 256
 
@@ -168,9 +168,9 @@ class _LocalExtractor:
     def __init__(self, settings: Settings, tower_name: str, batch_size: int | None) -> None:
         from transformers import CLIPVisionConfig
 
-        from worker.loader import ModelLoadError, build_model
-        from worker.service import ScoringService
-        from worker.weights import Checkpoint
+        from worker.model.loader import ModelLoadError, build_model
+        from worker.serving.service import ScoringService
+        from worker.model.weights import Checkpoint
 
         try:
             hidden = CLIPVisionConfig.from_pretrained(tower_name).hidden_size
@@ -278,7 +278,7 @@ def _tower_description(tower_name: str, hidden_size: int) -> tuple[object, objec
     """The tower's config and preprocessing, for the head's metadata; they must fit the features."""
     from transformers import CLIPVisionConfig
 
-    from worker.preprocess import Preprocessing
+    from worker.model.preprocess import Preprocessing
 
     try:
         config = CLIPVisionConfig.from_pretrained(tower_name)

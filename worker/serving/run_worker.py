@@ -47,11 +47,11 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings: Settings, extra: list[str]) -> int:
     from celery import signals
 
-    from worker import metrics, runtime
-    from worker.attempts import AttemptCounter
-    from worker.loader import ModelLoadError, load_model
-    from worker.memory import limit_malloc_arenas
-    from worker.service import ScoringService
+    from worker.serving import metrics, runtime
+    from worker.serving.attempts import AttemptCounter
+    from worker.model.loader import ModelLoadError, load_model
+    from worker.serving.memory import limit_malloc_arenas
+    from worker.serving.service import ScoringService
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/realscore] %(message)s")
     limit_malloc_arenas()
@@ -83,7 +83,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)
-    import worker.tasks  # noqa: F401 - registers the tasks
+    import worker.serving.tasks  # noqa: F401 - registers the tasks
 
     def flush_batches(**_: object) -> None:
         service.batcher.flush()  # shutting down: run partial batches now, do not wait to fill

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from worker.evaluation import Condition, positive_scores, predict  # noqa: E402
+from worker.lifecycle.evaluation import Condition, positive_scores, predict  # noqa: E402
 
 FILES = ("roc.png", "histogram.png", "scores.csv", "metrics.json")
 

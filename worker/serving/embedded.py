@@ -13,9 +13,9 @@ import sys
 
 from shared.cli import EXIT_OK, UsageError
 from shared.settings import Settings, get_settings
-from worker.loader import ModelLoadError, load_model
-from worker.memory import limit_malloc_arenas
-from worker.service import ScoringService
+from worker.model.loader import ModelLoadError, load_model
+from worker.serving.memory import limit_malloc_arenas
+from worker.serving.service import ScoringService
 
 
 def _readable(uri: str) -> str:

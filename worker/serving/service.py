@@ -23,12 +23,13 @@ from PIL import Image
 from shared.errors import ErrorCode, ScoringError
 from shared.results import ResultFactory, Result
 from shared.settings import Settings
-from worker import decode, metrics
-from worker.batcher import DynamicBatcher, Lane
-from worker.budget import ByteBudget
-from worker.features import encode_features
-from worker.loader import LoadedModel
-from worker.sources import Sources
+from worker.model import decode
+from worker.serving import metrics
+from worker.serving.batcher import DynamicBatcher, Lane
+from worker.serving.budget import ByteBudget
+from worker.lifecycle.features import encode_features
+from worker.model.loader import LoadedModel
+from worker.serving.sources import Sources
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
