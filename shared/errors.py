@@ -19,6 +19,9 @@ class ErrorCode(str, Enum):
     CORRUPT_IMAGE = "corrupt_image"
     FETCH_TIMEOUT = "fetch_timeout"
     BAD_REQUEST = "bad_request"
+    # The source, not this image: the worker's S3 credentials, region or endpoint are missing or
+    # wrong, or the endpoint is down. The message says what to set; other images fail alike.
+    SOURCE_UNAVAILABLE = "source_unavailable"
     INTERNAL = "internal"
 
 

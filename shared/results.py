@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from shared.errors import ErrorCode, ScoringError
+from shared.redact import redact
 
 Label = Literal["real", "ai"]
 
@@ -40,11 +41,18 @@ def label_for(score: float, threshold: float, high_score_means: Label) -> Label:
 
 @dataclass(frozen=True)
 class ResultFactory:
-    """Builds results stamped with one model identity and one decision rule."""
+    """Builds results stamped with one model identity and one decision rule.
+
+    ``include_sha256=False`` (``REALSCORE_RESULT_SHA256=false``) leaves ``sha256`` null, so that
+    whoever can enqueue cannot confirm an object's contents from its hash. Error results redact
+    their ``uri`` and message (:func:`shared.redact.redact`): a presigned URL or a password that
+    was sent by mistake is never served, and must not be echoed into the result backend either.
+    """
 
     model: str
     threshold: float = 0.0
     high_score_means: Label = "real"
+    include_sha256: bool = True
 
     def ok(
         self,
@@ -63,7 +71,7 @@ class ResultFactory:
             threshold=self.threshold,
             model=self.model,
             error=None,
-            sha256=sha256,
+            sha256=sha256 if self.include_sha256 else None,
             elapsed_ms=round(elapsed_ms, 3),
             cached=cached,
         )
@@ -78,14 +86,14 @@ class ResultFactory:
         elapsed_ms: float = 0.0,
     ) -> Result:
         return Result(
-            uri=uri if isinstance(uri, str) else repr(uri),
+            uri=redact(uri if isinstance(uri, str) else repr(uri)),
             ok=False,
             score=None,
             label=None,
             threshold=self.threshold,
             model=self.model,
-            error=ErrorInfo(code=code.value, message=message),
-            sha256=sha256,
+            error=ErrorInfo(code=code.value, message=redact(message)),
+            sha256=sha256 if self.include_sha256 else None,
             elapsed_ms=round(elapsed_ms, 3),
             cached=False,
         )

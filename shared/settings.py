@@ -2,12 +2,17 @@
 
 One pydantic-settings class serves the web backend, the worker and the command line, so a value
 means the same thing everywhere. A bad value stops start-up with one line naming the variable
-(:func:`load_settings` turns pydantic's report into :class:`SettingsError`).
+(:func:`load_settings` turns pydantic's report into :class:`SettingsError`), and so does an
+unknown ``REALSCORE_*`` variable (a misspelt setting would otherwise be ignored silently; the
+message names the closest real one). ``REALSCORE_TEST_*`` is reserved for the test suite.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -15,7 +20,11 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.buckets import ANY_BUCKET, is_plain_bucket
+
 ENV_PREFIX = "REALSCORE_"
+# Variables the test suite sets for itself (e.g. REALSCORE_TEST_REDIS_DB); never a setting.
+TEST_PREFIX = ENV_PREFIX + "TEST_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _FIELD_IN_MESSAGE = re.compile(r'field "(\w+)"')
 
@@ -61,8 +70,10 @@ class Settings(BaseSettings):
     fetch_timeout: float = Field(30.0, gt=0)
     s3_endpoint_url: str | None = None
     s3_buckets: list[str] = Field(
-        default_factory=list, description="buckets s3:// URIs may name; empty: any reachable"
+        default_factory=list,
+        description='buckets s3:// URIs may name; empty refuses s3:// (fail closed); ["*"] any',
     )
+    result_sha256: bool = Field(True, description="put the image's sha256 in score results")
 
     # Verdicts.
     threshold: float = Field(0.0, ge=-1.0, le=1.0)
@@ -83,6 +94,16 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("s3_buckets")
+    @classmethod
+    def _plain_bucket_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*" and not is_plain_bucket(name):
+                raise ValueError(
+                    f"{name!r} is not a plain bucket name (no ARNs, access points or aliases)"
+                )
+        return value
+
     @property
     def task_concurrency(self) -> int:
         """Task threads per worker process: each in-flight image holds one."""
@@ -96,8 +117,34 @@ def _one_line(error: ValidationError) -> str:
     return f"{ENV_PREFIX}{field.upper()}: {first['msg']}{more}"
 
 
+def known_variables() -> set[str]:
+    """Every ``REALSCORE_*`` name a setting reads, derived from the class (never a hand list)."""
+    return {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+
+
+def check_unknown_variables(environ: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`SettingsError` naming the first ``REALSCORE_*`` variable that is no setting,
+    and the closest real one."""
+    environ = os.environ if environ is None else environ
+    known = known_variables()
+    unknown = sorted(
+        name
+        for name in (key.upper() for key in environ)
+        if name.startswith(ENV_PREFIX) and not name.startswith(TEST_PREFIX) and name not in known
+    )
+    if not unknown:
+        return
+    first = unknown[0]
+    close = difflib.get_close_matches(first, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else " (README lists the settings)"
+    more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""
+    raise SettingsError(f"{first}: not a realscore setting{hint}{more}")
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the environment (plus ``overrides``); raise :class:`SettingsError` on a bad value."""
+    """Read the environment (plus ``overrides``); raise :class:`SettingsError` on a bad value or
+    an unknown ``REALSCORE_*`` variable."""
+    check_unknown_variables()
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:

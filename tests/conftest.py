@@ -125,6 +125,8 @@ def worker_env(
         "REALSCORE_MAX_WAIT_MS": "50",
         "REALSCORE_METRICS_PORT": str(free_port()),
         "REALSCORE_S3_ENDPOINT_URL": s3_endpoint,
+        # Empty refuses s3:// (fail closed); the S3 tests make buckets with random names.
+        "REALSCORE_S3_BUCKETS": '["*"]',
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",

@@ -284,9 +284,13 @@ def test_bucket_outside_s3_buckets_is_forbidden_before_any_request(
     assert "private-backups" in caught.value.message
 
 
-@pytest.mark.parametrize("buckets", [None, []])
-def test_no_s3_buckets_setting_allows_any_bucket(
-    buckets: list[str] | None, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("buckets", "served"),
+    [(None, True), (["*"], True), ([], False), (["media"], False)],
+    ids=["embedded-trusts-all", "star", "empty-fails-closed", "listed-only"],
+)
+def test_s3_bucket_policy(
+    buckets: list[str] | None, served: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class FakeS3:
         def get_object(self, *, Bucket: str, Key: str) -> dict:  # noqa: N803 - boto3's names
@@ -296,7 +300,13 @@ def test_no_s3_buckets_setting_allows_any_bucket(
 
     sources = Sources(local_roots=[], max_bytes=10, timeout=3, s3_buckets=buckets)
     monkeypatch.setattr(sources, "_make_s3_client", FakeS3)
-    assert sources.fetch("s3://any-bucket/a.jpg") == b"img"
+    if served:
+        assert sources.fetch("s3://any-bucket/a.jpg") == b"img"
+        return
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch("s3://any-bucket/a.jpg")
+    assert caught.value.code == ErrorCode.FORBIDDEN_PATH
+    assert "REALSCORE_S3_BUCKETS" in caught.value.message
 
 
 def test_s3_buckets_setting_reaches_the_service_sources(
@@ -311,7 +321,9 @@ def test_s3_buckets_setting_reaches_the_service_sources(
     service = ScoringService(loaded_model, settings)  # not started: no threads to stop
     assert service.sources.s3_buckets == {"media", "uploads"}
     monkeypatch.delenv("REALSCORE_S3_BUCKETS")
-    assert load_settings().s3_buckets == []  # the default: any bucket
+    assert load_settings().s3_buckets == []  # the default: no bucket (fail closed)
+    embedded = ScoringService(loaded_model, load_settings(), local_roots=None)
+    assert embedded.sources.s3_buckets is None  # the embedded CLI trusts its own user
 
 
 def test_s3_endpoint_that_never_answers_is_a_fetch_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

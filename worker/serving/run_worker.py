@@ -54,6 +54,9 @@ def serve(settings: Settings, extra: list[str]) -> int:
     from worker.serving.service import ScoringService
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/realscore] %(message)s")
+    from shared.redact import install_log_redaction
+
+    install_log_redaction()
     limit_malloc_arenas()
     try:
         loaded = load_model(
@@ -89,6 +92,10 @@ def serve(settings: Settings, extra: list[str]) -> int:
         service.batcher.flush()  # shutting down: run partial batches now, do not wait to fill
 
     signals.worker_shutting_down.connect(flush_batches, weak=False)
+    # Celery replaces the root logger's handlers: redact on the ones it installs (and the task
+    # logger's), so no password, key or signed URL reaches the log (shared/redact.py).
+    signals.after_setup_logger.connect(_redact_logs, weak=False)
+    signals.after_setup_task_logger.connect(_redact_logs, weak=False)
     try:
         code = run_celery(celery_argv(settings, extra))
     finally:
@@ -96,6 +103,12 @@ def serve(settings: Settings, extra: list[str]) -> int:
         service.stop()  # Celery's warm shutdown waited for running tasks; drain what is left
         runtime.install(None)
     return EXIT_FAILURE if broken.is_set() else code
+
+
+def _redact_logs(logger: logging.Logger, **_: object) -> None:
+    from shared.redact import install_log_redaction
+
+    install_log_redaction(logger)
 
 
 def run_celery(argv: list[str]) -> int:

@@ -71,14 +71,17 @@ class ScoringService:
         self.loaded = loaded
         self.settings = settings
         threshold, means = verdict_rule(settings, loaded.head_metadata)
-        self.results = ResultFactory(loaded.model_id, threshold, means)  # type: ignore[arg-type]
+        self.results = ResultFactory(
+            loaded.model_id, threshold, means, include_sha256=settings.result_sha256  # type: ignore[arg-type]
+        )
         threads = threads or settings.task_concurrency
         self.sources = Sources(
             local_roots=local_roots,
             max_bytes=settings.max_image_bytes,
             timeout=settings.fetch_timeout,
             s3_endpoint_url=settings.s3_endpoint_url,
-            s3_buckets=settings.s3_buckets,
+            # The embedded mode (local_roots=None) trusts its caller with every bucket too.
+            s3_buckets=None if local_roots is None else settings.s3_buckets,
             # Celery's task threads fetch for `score` while this process's fetch pools (one per
             # lane, as many threads each) fetch for `score_many`: all can hold a connection.
             max_pool_connections=max(settings.task_concurrency + threads * len(Lane), 10),
@@ -192,7 +195,7 @@ class ScoringService:
         code = result["error"]["code"] if result["error"] else ErrorCode.INTERNAL.value
         metrics.ERRORS.labels(code).inc()
         if code == ErrorCode.INTERNAL.value:
-            log.error("internal error on %r: %s", uri, result["error"])
+            log.error("internal error on %r: %s", result["uri"], result["error"])
         return result
 
     def score_uris(self, uris: Sequence[object], lane: Lane = Lane.INTERACTIVE) -> list[Result]:

@@ -1,31 +1,52 @@
-"""URI -> bytes, for local files and S3, with the path policy, a size cap and one overall deadline.
+"""URI -> bytes, for local files and S3, with the path and bucket policies, a size cap and one
+overall deadline.
 
-Size limits are enforced while reading (an object is never read whole to learn it is too big) and
-the deadline is checked by our own read loop: botocore's timeouts apply per socket read and
-multiply with its retries, and Celery's time limits do nothing in the thread pool. S3 socket
-timeouts are sized so botocore's three attempts fit in ``FETCH_TIMEOUT``; a stalled read can then
-overrun the deadline by at most one socket timeout (``min(5 s, FETCH_TIMEOUT / 6)``).
+Size limits are enforced while reading (an object is never read whole to learn it is too big).
+``FETCH_TIMEOUT`` is one deadline for the whole fetch, held two ways:
+
+- S3 bodies are read with ``read1`` (whatever has arrived, not a full chunk) and the socket's
+  timeout set to the time left before every read, so neither a silent nor a slow-drip endpoint
+  (one byte every 200 ms never trips a per-read timeout) keeps a read going past the deadline.
+- Every fetch runs on a short-lived helper thread and the caller waits only until the deadline:
+  what no read loop can bound (botocore's request and its headers, a local file on a stalled
+  network mount, where ``read`` blocks in the kernel and cannot be interrupted) costs the task
+  ``fetch_timeout``, not its thread. The helper finishes, or stays blocked in the kernel, on its
+  own; at most ``MAX_ABANDONED`` such helpers are left at once, then fetches fail fast.
+
+Celery's time limits do nothing in the thread pool, hence all this. S3 socket timeouts are sized
+so botocore's three attempts fit in ``FETCH_TIMEOUT``.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from shared.buckets import ANY_BUCKET, is_plain_bucket
 from shared.errors import ErrorCode, ScoringError
+from shared.redact import redact
 
+T = TypeVar("T")
 CHUNK_BYTES = 1 << 20
 S3_ATTEMPTS = 3
+# Fetch helpers still running past their deadline (stalled mounts, dripping endpoints) that a
+# process keeps before it fails new fetches at once instead of starting more of them.
+MAX_ABANDONED = 64
+# How long the caller waits past the deadline for the helper's own (more precise) verdict.
+_GRACE_S = 0.5
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId"}
+_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+# The worker's own credentials are wrong: a configuration problem, not this object's.
+_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +77,16 @@ def parse_uri(uri: object) -> LocalRef | S3Ref:
     if scheme == "s3":
         key = uri[len("s3://") + len(parts.netloc) + 1 :] if uri[:5].lower() == "s3://" else ""
         if not parts.netloc or not key:
-            raise ScoringError(ErrorCode.BAD_URI, f"expected s3://bucket/key, got {uri}")
+            raise ScoringError(
+                ErrorCode.BAD_URI, f"expected s3://bucket/key, got {_shown(redact(uri))}"
+            )
+        if not is_plain_bucket(parts.netloc):
+            shown = parts.netloc.rpartition("@")[2]  # never echo a user:password@
+            raise ScoringError(
+                ErrorCode.BAD_URI,
+                f"{_shown(shown)!r} is not a plain S3 bucket name (ARNs, access points, "
+                "aliases and directory buckets are refused)",
+            )
         return S3Ref(parts.netloc, key)
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive, i.e. a relative path
         raise ScoringError(
@@ -65,12 +95,22 @@ def parse_uri(uri: object) -> LocalRef | S3Ref:
     raise ScoringError(ErrorCode.BAD_URI, f"expected an absolute path, file:// or s3:// URI: {uri}")
 
 
-def _read_capped(stream: BinaryIO, max_bytes: int, deadline: float, what: str) -> bytes:
+class _Readable(Protocol):
+    def read(self, amount: int, /) -> bytes: ...
+
+
+def _timed_out(what: str) -> ScoringError:
+    return ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: not read within the deadline")
+
+
+def _read_capped(stream: _Readable, max_bytes: int, deadline: float, what: str) -> bytes:
+    """Read ``stream`` to its end; ``too_large`` past ``max_bytes``, ``fetch_timeout`` past the
+    deadline (checked before every read: ``stream.read`` must itself return by the deadline)."""
     chunks: list[bytes] = []
     total = 0
     while True:
         if time.monotonic() > deadline:
-            raise ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: not read within the deadline")
+            raise _timed_out(what)
         chunk = stream.read(CHUNK_BYTES)
         if not chunk:
             return b"".join(chunks)
@@ -81,6 +121,97 @@ def _read_capped(stream: BinaryIO, max_bytes: int, deadline: float, what: str) -
                 f"{what}: over {max_bytes} bytes (REALSCORE_MAX_IMAGE_BYTES)",
             )
         chunks.append(chunk)
+
+
+class _DeadlineBody:
+    """A botocore ``StreamingBody`` read so that every read returns by the deadline.
+
+    ``StreamingBody.read(n)`` waits for ``n`` bytes: a trickle never fills a chunk and never goes
+    silent long enough for the socket timeout. ``read1`` returns whatever has arrived, and the
+    socket timeout is cut to the time left before each read, so a read ends by the deadline.
+    """
+
+    def __init__(self, body: object, deadline: float, socket_timeout: float, what: str) -> None:
+        self._body = body
+        self._raw = getattr(body, "_raw_stream", None)
+        self._deadline = deadline
+        self._socket_timeout = socket_timeout
+        self._what = what
+
+    def read(self, amount: int) -> bytes:
+        from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _timed_out(self._what)
+        if self._raw is None or not hasattr(self._raw, "read1"):
+            return self._body.read(amount)  # type: ignore[attr-defined]
+        try:
+            self._body.set_socket_timeout(max(0.01, min(self._socket_timeout, left)))  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            pass  # no socket (already drained): read1 answers from the buffer
+        try:
+            return self._raw.read1(amount)
+        except (ReadTimeoutError, TimeoutError):
+            raise _timed_out(self._what) from None
+        except ProtocolError as error:
+            raise ScoringError(
+                ErrorCode.SOURCE_UNAVAILABLE,
+                f"{self._what}: the connection to S3 broke while reading ({type(error).__name__})",
+            ) from None
+
+
+def _within_deadline(deadline: float, what: str, function: Callable[[], T]) -> T:
+    """``function()`` on a helper thread; ``fetch_timeout`` once the deadline has passed.
+
+    The helper is left to finish on its own (a read blocked in the kernel cannot be cancelled);
+    :data:`MAX_ABANDONED` bounds how many are left at once.
+    """
+    global _abandoned
+    with _abandoned_lock:
+        if _abandoned >= MAX_ABANDONED:
+            raise ScoringError(
+                ErrorCode.FETCH_TIMEOUT,
+                f"{what}: not fetched: {_abandoned} earlier fetches are still stuck past their "
+                "deadline (a stalled mount or S3 endpoint?)",
+            )
+    outcome: list[tuple[bool, object]] = []
+    done = threading.Event()
+    state = {"abandoned": False}
+
+    def run() -> None:
+        global _abandoned
+        try:
+            outcome.append((True, function()))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller as it is
+            outcome.append((False, error))
+        finally:
+            with _abandoned_lock:
+                done.set()
+                if state["abandoned"]:
+                    _abandoned -= 1
+
+    threading.Thread(target=run, name="realscore-fetch", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic()) + _GRACE_S):
+        with _abandoned_lock:
+            if not done.is_set():
+                state["abandoned"] = True
+                _abandoned += 1
+        if state["abandoned"]:
+            raise _timed_out(what)
+    ok, value = outcome[0]
+    if ok:
+        return value  # type: ignore[return-value]
+    raise value  # type: ignore[misc]
+
+
+_abandoned = 0
+_abandoned_lock = threading.Lock()
+
+
+def abandoned_fetches() -> int:
+    """Fetch helpers still running after their caller gave up on them."""
+    return _abandoned
 
 
 def _shown(path: str, limit: int = 200) -> str:
@@ -156,18 +287,42 @@ class Sources:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._s3_endpoint_url = s3_endpoint_url
-        # None or empty: any bucket the credentials reach; otherwise only these.
-        self.s3_buckets = frozenset(s3_buckets or ())
+        # None trusts every bucket (the embedded CLI); a list is the worker's policy: empty
+        # refuses s3:// URIs (fail closed, as LOCAL_ROOTS does), ["*"] allows any plain name.
+        self.s3_buckets = None if s3_buckets is None else frozenset(s3_buckets)
         self._max_pool_connections = max_pool_connections
         self._s3 = None
         self._s3_lock = threading.Lock()  # task threads race to the first S3 fetch
 
     def fetch(self, uri: object) -> bytes:
+        """The bytes ``uri`` names, or a :class:`ScoringError`; returns by ``timeout`` (plus a
+        fraction of a second) whatever the file system or the endpoint does."""
         ref = parse_uri(uri)
         deadline = time.monotonic() + self.timeout
         if isinstance(ref, S3Ref):
-            return self._fetch_s3(ref, deadline)
-        return self._fetch_local(ref, deadline)
+            self.check_bucket(ref)
+            what = f"s3://{ref.bucket}/{_shown(ref.key)}"
+            return _within_deadline(deadline, what, lambda: self._fetch_s3(ref, deadline))
+        return _within_deadline(
+            deadline, _shown(ref.path), lambda: self._fetch_local(ref, deadline)
+        )
+
+    def check_bucket(self, ref: S3Ref) -> None:
+        """Refuse a bucket the policy does not allow, before any request."""
+        if self.s3_buckets is None or ANY_BUCKET in self.s3_buckets:
+            return
+        what = f"s3://{ref.bucket}/{_shown(ref.key)}"
+        if not self.s3_buckets:
+            raise ScoringError(
+                ErrorCode.FORBIDDEN_PATH,
+                f"{what}: s3:// URIs are not served: REALSCORE_S3_BUCKETS is empty "
+                "(list the buckets, or '[\"*\"]' for any)",
+            )
+        if ref.bucket not in self.s3_buckets:
+            raise ScoringError(
+                ErrorCode.FORBIDDEN_PATH,
+                f"{what}: bucket {ref.bucket!r} is not in REALSCORE_S3_BUCKETS",
+            )
 
     # Local files -----------------------------------------------------------------------------
 
@@ -249,13 +404,17 @@ class Sources:
                     self._s3 = self._make_s3_client()
         return self._s3
 
+    @property
+    def _socket_timeout(self) -> float:
+        return min(5.0, self.timeout / (2 * S3_ATTEMPTS))
+
     def _make_s3_client(self):  # noqa: ANN202
         import boto3
         from botocore.config import Config
 
         # Three attempts of (connect + read) each fit in FETCH_TIMEOUT, so botocore's own retries
         # cannot carry a fetch far past its deadline before our read loop even starts.
-        socket_timeout = min(5.0, self.timeout / (2 * S3_ATTEMPTS))
+        socket_timeout = self._socket_timeout
         return boto3.session.Session().client(
             "s3",
             endpoint_url=self._s3_endpoint_url,
@@ -272,16 +431,17 @@ class Sources:
             BotoCoreError,
             ClientError,
             ConnectTimeoutError,
+            EndpointConnectionError,
+            InvalidEndpointConfigurationError,
+            NoCredentialsError,
+            NoRegionError,
             ParamValidationError,
+            PartialCredentialsError,
+            ProfileNotFound,
             ReadTimeoutError,
         )
 
-        what = f"s3://{ref.bucket}/{ref.key}"
-        if self.s3_buckets and ref.bucket not in self.s3_buckets:
-            raise ScoringError(
-                ErrorCode.FORBIDDEN_PATH,
-                f"{what}: bucket {ref.bucket!r} is not in REALSCORE_S3_BUCKETS",
-            )
+        what = f"s3://{ref.bucket}/{_shown(ref.key)}"
         try:
             response = self.s3.get_object(Bucket=ref.bucket, Key=ref.key)
             body = response["Body"]
@@ -292,7 +452,8 @@ class Sources:
                         f"{what}: {response['ContentLength']} bytes, over {self.max_bytes} "
                         "(REALSCORE_MAX_IMAGE_BYTES)",
                     )
-                return _read_capped(body, self.max_bytes, deadline, what)
+                reader = _DeadlineBody(body, deadline, self._socket_timeout, what)
+                return _read_capped(reader, self.max_bytes, deadline, what)
             finally:
                 body.close()
         except ClientError as error:
@@ -300,13 +461,38 @@ class Sources:
             status = str(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in _NOT_FOUND or status == "404":
                 raise ScoringError(ErrorCode.NOT_FOUND, f"{what}: {code or status}") from None
+            if code in _CREDENTIALS:
+                raise ScoringError(
+                    ErrorCode.SOURCE_UNAVAILABLE,
+                    f"{what}: S3 refused the worker's credentials ({code}): check its "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile or role",
+                ) from None
             if code in _DENIED or status == "403":
                 raise ScoringError(ErrorCode.ACCESS_DENIED, f"{what}: {code or status}") from None
             if code == "InvalidBucketName":
                 raise ScoringError(ErrorCode.BAD_URI, f"{what}: invalid bucket name") from None
-            raise ScoringError(ErrorCode.INTERNAL, f"{what}: S3 said {code} ({status})") from None
+            raise ScoringError(
+                ErrorCode.SOURCE_UNAVAILABLE, f"{what}: S3 said {code} ({status})"
+            ) from None
         except (ConnectTimeoutError, ReadTimeoutError):
             raise ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: S3 did not answer in time") from None
+        except (NoCredentialsError, PartialCredentialsError, ProfileNotFound) as error:
+            raise ScoringError(
+                ErrorCode.SOURCE_UNAVAILABLE,
+                f"{what}: the worker has no usable S3 credentials ({type(error).__name__}): set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give it a role",
+            ) from None
+        except NoRegionError:
+            raise ScoringError(
+                ErrorCode.SOURCE_UNAVAILABLE,
+                f"{what}: no AWS region configured: set AWS_DEFAULT_REGION",
+            ) from None
+        except (EndpointConnectionError, InvalidEndpointConfigurationError) as error:
+            raise ScoringError(
+                ErrorCode.SOURCE_UNAVAILABLE,
+                f"{what}: cannot reach the S3 endpoint ({type(error).__name__}): check "
+                "REALSCORE_S3_ENDPOINT_URL and that the endpoint is up",
+            ) from None
         except ParamValidationError as error:  # botocore checks names before sending anything
             if "bucket name" in str(error).lower():
                 message = f"{what}: {ref.bucket!r} is not a valid S3 bucket name"
@@ -314,4 +500,6 @@ class Sources:
                 message = f"{what}: S3 refused the request's parameters ({_shown(str(error))})"
             raise ScoringError(ErrorCode.BAD_URI, message) from None
         except BotoCoreError as error:
-            raise ScoringError(ErrorCode.INTERNAL, f"{what}: {error}") from None
+            raise ScoringError(
+                ErrorCode.SOURCE_UNAVAILABLE, f"{what}: S3 request failed: {_shown(redact(str(error)))}"
+            ) from None
