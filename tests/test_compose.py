@@ -110,8 +110,8 @@ def test_worker_healthcheck_pings_its_own_node(services: dict) -> None:
 
 def test_worker_reaches_redis_and_minio_with_real_settings(services: dict) -> None:
     env = _env(services["worker"])
-    assert env["REALSCORE_BROKER_URL"].startswith("redis://redis:6379/")
-    assert env["REALSCORE_RESULT_BACKEND"].startswith("redis://redis:6379/")
+    for name in ("REALSCORE_BROKER_URL", "REALSCORE_RESULT_BACKEND"):
+        assert env[name].startswith("redis://:${REDIS_PASSWORD:?") and env[name].endswith("@redis:6379/0")
     assert env["REALSCORE_S3_ENDPOINT_URL"] == "http://minio:9000"
     minio = _env(services["minio"])
     assert env["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
@@ -122,6 +122,31 @@ def test_worker_reaches_redis_and_minio_with_real_settings(services: dict) -> No
         for key in _env(service):
             if key.startswith(ENV_PREFIX):
                 assert key[len(ENV_PREFIX):].lower() in fields, key
+
+
+def test_redis_and_flower_are_private_and_ask_for_a_password(services: dict) -> None:
+    # Every published port binds the loopback interface only.
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    redis = services["redis"]
+    arguments = _command(redis)
+    password = arguments[arguments.index("--requirepass") + 1]
+    assert password.startswith("${REDIS_PASSWORD:?"), "compose must refuse to run Redis without a password"
+    assert _env(redis)["REDISCLI_AUTH"] == password  # the healthcheck's redis-cli authenticates
+    for service in (services["worker"], services["flower"]):
+        assert f":{password}@redis:6379/" in _env(service)["REALSCORE_BROKER_URL"]
+
+
+def test_worker_names_its_s3_buckets(services: dict) -> None:
+    import json
+
+    from shared.buckets import is_plain_bucket
+
+    buckets = json.loads(_env(services["worker"])["REALSCORE_S3_BUCKETS"])
+    assert buckets and all(is_plain_bucket(name) for name in buckets)
+    assert "media" in buckets  # the bucket minio-init creates
+    assert Settings(s3_buckets=buckets).s3_buckets == buckets
 
 
 def test_weights_are_mounted_read_only(services: dict) -> None:

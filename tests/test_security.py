@@ -351,3 +351,77 @@ def test_error_results_redact_uri_and_message() -> None:
     assert "X-Amz-Signature" not in text and "AKIAIOSFODNN7EXAMPLE" not in text
     assert result["uri"].startswith("https://media.s3.amazonaws.com/a.png?")
 
+
+
+# A real worker and client on a password-protected Redis; its log after S3 and broker errors ---------
+
+
+@pytest.mark.integration
+def test_worker_and_client_on_a_password_redis_keep_secrets_out_of_logs_and_results(
+    worker_env: dict, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    import redis
+
+    from tests.processes import WorkerProcess, free_port, wait_until
+    from tests.tiny_clip import noise_image
+    from tests.worker_helpers import app_for, private_redis
+
+    redis_password = f"redis-pw-{uuid.uuid4().hex}"
+    aws_secret = f"aws-secret-{uuid.uuid4().hex}"
+    served = tmp_path / "served"
+    served.mkdir()
+    noise_image(3, (96, 80)).save(served / "ok.png")
+    uris = [
+        str(served / "ok.png"),
+        PRESIGNED,  # never fetched (https is off), and never echoed whole
+        "s3://user:s3-userinfo-pw@media/a.png",
+        f"s3://realscore-missing-{uuid.uuid4().hex[:10]}/a.png",
+    ]
+    with private_redis(password=redis_password) as url:
+        host_only = url.replace(f":{redis_password}@", "")
+        with pytest.raises(redis.AuthenticationError):  # it really asks for the password
+            redis.Redis.from_url(host_only).ping()
+        env = {
+            **worker_env,
+            "REALSCORE_BROKER_URL": url,
+            "REALSCORE_RESULT_BACKEND": url,
+            "REALSCORE_LOCAL_ROOTS": json.dumps([str(served)]),
+            "REALSCORE_METRICS_PORT": str(free_port()),
+            "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+            "AWS_SECRET_ACCESS_KEY": aws_secret,
+        }
+        process = WorkerProcess(env, tmp_path / "worker.log").start()
+        try:
+            process.wait_ready(app_for(url))
+            # The client: `realscore submit`, i.e. shared.client on the configured app.
+            done = subprocess.run(
+                [sys.executable, "-m", "shared.cli", "submit", *uris, "--timeout", "60"],
+                env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            results = [json.loads(line) for line in done.stdout.splitlines()]
+            assert [r["error"]["code"] if r["error"] else None for r in results] == [
+                None, "unsupported_scheme", "bad_uri", "not_found",
+            ], results
+            assert results[0]["ok"] and isinstance(results[0]["score"], float)
+            # A broker error: Redis changes its password and drops the worker's connections; the
+            # worker logs that it cannot reconnect (with the URL it uses) and keeps retrying.
+            admin = redis.Redis.from_url(url)
+            admin.config_set("requirepass", f"{redis_password}-rotated")
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal")
+            wait_until(
+                lambda: "Cannot connect" in process.log() or "Connection to broker lost" in process.log(),
+                30, "the worker's broker error in its log",
+            )
+        finally:
+            process.stop(timeout=20)
+    log = process.log()
+    secrets = [redis_password, aws_secret, "AKIAIOSFODNN7EXAMPLE", "X-Amz-Signature=0f1e", "s3-userinfo-pw"]
+    for secret in secrets:
+        assert secret not in done.stdout, secret
+        assert secret not in log, secret

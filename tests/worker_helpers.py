@@ -39,18 +39,20 @@ def sample(samples: dict, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def private_redis() -> Iterator[str]:
-    """A throwaway ``redis-server`` on a free loopback port; yields its URL."""
+def private_redis(password: str | None = None) -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port; yields its URL (with the password,
+    if it asks for one: ``requirepass``, as the compose file runs it)."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed")
     port = free_port()
+    auth = ["--requirepass", password] if password else []
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
 
     def answers() -> bool:

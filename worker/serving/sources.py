@@ -80,11 +80,12 @@ def parse_uri(uri: object) -> LocalRef | S3Ref:
             raise ScoringError(
                 ErrorCode.BAD_URI, f"expected s3://bucket/key, got {_shown(redact(uri))}"
             )
+        if "@" in parts.netloc:  # never echo a user:password@
+            raise ScoringError(ErrorCode.BAD_URI, "s3:// URIs take no user or password")
         if not is_plain_bucket(parts.netloc):
-            shown = parts.netloc.rpartition("@")[2]  # never echo a user:password@
             raise ScoringError(
                 ErrorCode.BAD_URI,
-                f"{_shown(shown)!r} is not a plain S3 bucket name (ARNs, access points, "
+                f"{_shown(parts.netloc)!r} is not a plain S3 bucket name (ARNs, access points, "
                 "aliases and directory buckets are refused)",
             )
         return S3Ref(parts.netloc, key)
