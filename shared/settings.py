@@ -94,6 +94,18 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _tls_is_verified(cls, value: str) -> str:
+        # Without ssl_cert_reqs kombu connects to a rediss:// broker with CERT_NONE (no check of
+        # the server's certificate) and Celery's backend refuses to start: ask for it up front.
+        if value.lower().startswith("rediss://") and "ssl_cert_reqs=" not in value:
+            raise ValueError(
+                "a rediss:// URL needs ?ssl_cert_reqs=required (and &ssl_ca_certs=/path/ca.pem "
+                "for a private CA)"
+            )
+        return value
+
     @field_validator("s3_buckets")
     @classmethod
     def _plain_bucket_names(cls, value: list[str]) -> list[str]:

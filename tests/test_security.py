@@ -231,6 +231,24 @@ def test_cli_stops_in_one_line_on_an_unknown_setting(tmp_path: Path) -> None:
     assert "REALSCORE_MAX_BATCH_SIZE" in lines[0]
 
 
+def test_rediss_urls_must_ask_for_certificate_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.celery_app import configure
+
+    monkeypatch.setenv("REALSCORE_BROKER_URL", "rediss://:pw@redis.example:6380/0")
+    with pytest.raises(SettingsError, match="REALSCORE_BROKER_URL.*ssl_cert_reqs"):
+        load_settings()
+    url = "rediss://:pw@redis.example:6380/0?ssl_cert_reqs=required"
+    monkeypatch.setenv("REALSCORE_BROKER_URL", url)
+    monkeypatch.setenv("REALSCORE_RESULT_BACKEND", url)
+    from celery import Celery
+
+    app = configure(Celery("rediss-check"), load_settings())
+    import ssl
+
+    assert app.connection_for_write().ssl["ssl_cert_reqs"] == ssl.CERT_REQUIRED  # kombu verifies
+    assert app.backend.connparams["ssl_cert_reqs"] == ssl.CERT_REQUIRED  # and so does the backend
+
+
 # What results reveal ------------------------------------------------------------------------------
 
 
