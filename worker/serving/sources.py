@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
-import re
+import queue
 import stat
 import threading
 import time
@@ -162,6 +162,36 @@ class _DeadlineBody:
             ) from None
 
 
+class _Helpers:
+    """Daemon threads that run fetches, reused: a new thread per fetch costs about 0.1 ms.
+
+    A thread takes a job from its own inbox, runs it, and offers itself again; one that stays
+    blocked (a stalled mount) is simply never offered again, and a new one is started when no
+    idle thread is left. Daemon threads, so a read stuck in the kernel never blocks exit.
+    """
+
+    def __init__(self) -> None:
+        self._idle: queue.SimpleQueue[queue.SimpleQueue[Callable[[], None]]] = queue.SimpleQueue()
+
+    def run(self, job: Callable[[], None]) -> None:
+        try:
+            inbox = self._idle.get_nowait()
+        except queue.Empty:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), name="realscore-fetch", daemon=True).start()
+        inbox.put(job)
+
+    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            inbox.get()()
+            self._idle.put(inbox)
+
+
+_helpers = _Helpers()
+_abandoned = 0
+_abandoned_lock = threading.Lock()
+
+
 def _within_deadline(deadline: float, what: str, function: Callable[[], T]) -> T:
     """``function()`` on a helper thread; ``fetch_timeout`` once the deadline has passed.
 
@@ -180,7 +210,7 @@ def _within_deadline(deadline: float, what: str, function: Callable[[], T]) -> T
     done = threading.Event()
     state = {"abandoned": False}
 
-    def run() -> None:
+    def job() -> None:
         global _abandoned
         try:
             outcome.append((True, function()))
@@ -192,7 +222,7 @@ def _within_deadline(deadline: float, what: str, function: Callable[[], T]) -> T
                 if state["abandoned"]:
                     _abandoned -= 1
 
-    threading.Thread(target=run, name="realscore-fetch", daemon=True).start()
+    _helpers.run(job)
     if not done.wait(max(0.0, deadline - time.monotonic()) + _GRACE_S):
         with _abandoned_lock:
             if not done.is_set():
@@ -204,10 +234,6 @@ def _within_deadline(deadline: float, what: str, function: Callable[[], T]) -> T
     if ok:
         return value  # type: ignore[return-value]
     raise value  # type: ignore[misc]
-
-
-_abandoned = 0
-_abandoned_lock = threading.Lock()
 
 
 def abandoned_fetches() -> int:
