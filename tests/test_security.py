@@ -54,7 +54,7 @@ class _Drip(http.server.BaseHTTPRequestHandler):
             else:
                 self.wfile.write(headers)
                 self.wfile.flush()
-            for _ in range(server.body_bytes):
+            for _ in range(min(server.body_bytes, server.send_bytes)):
                 if server.stop.wait(server.interval):
                     return
                 self.wfile.write(b"\x89")
@@ -76,6 +76,7 @@ def dripping_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[http.server.T
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
     server.daemon_threads = True
     server.body_bytes, server.interval, server.drip_headers = 100_000, 0.15, False
+    server.send_bytes = server.body_bytes
     server.stop = threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -103,6 +104,17 @@ def test_slow_drip_s3_endpoint_ends_in_fetch_timeout_by_the_deadline(
     elapsed = time.monotonic() - started
     assert caught.value.code is ErrorCode.FETCH_TIMEOUT, caught.value
     assert elapsed < FETCH_TIMEOUT + DEADLINE_SLACK_S, elapsed
+
+
+def test_s3_body_cut_short_is_source_unavailable_not_a_corrupt_image(
+    dripping_endpoint: http.server.ThreadingHTTPServer,
+) -> None:
+    dripping_endpoint.body_bytes, dripping_endpoint.send_bytes, dripping_endpoint.interval = 1000, 10, 0
+    endpoint = f"http://127.0.0.1:{dripping_endpoint.server_address[1]}"
+    sources = Sources(local_roots=[], max_bytes=1 << 20, timeout=10, s3_endpoint_url=endpoint)
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch("s3://media/short.png")
+    assert caught.value.code is ErrorCode.SOURCE_UNAVAILABLE, caught.value
 
 
 def test_a_fetch_blocked_in_the_kernel_costs_the_caller_only_its_deadline(

@@ -7,7 +7,7 @@ Size limits are enforced while reading (an object is never read whole to learn i
 - S3 bodies are read with ``read1`` (whatever has arrived, not a full chunk) and the socket's
   timeout set to the time left before every read, so neither a silent nor a slow-drip endpoint
   (one byte every 200 ms never trips a per-read timeout) keeps a read going past the deadline.
-- Every fetch runs on a short-lived helper thread and the caller waits only until the deadline:
+- Every fetch runs on a (reused) helper thread and the caller waits only until the deadline:
   what no read loop can bound (botocore's request and its headers, a local file on a stalled
   network mount, where ``read`` blocks in the kernel and cannot be interrupted) costs the task
   ``fetch_timeout``, not its thread. The helper finishes, or stays blocked in the kernel, on its
@@ -480,7 +480,14 @@ class Sources:
                         "(REALSCORE_MAX_IMAGE_BYTES)",
                     )
                 reader = _DeadlineBody(body, deadline, self._socket_timeout, what)
-                return _read_capped(reader, self.max_bytes, deadline, what)
+                data = _read_capped(reader, self.max_bytes, deadline, what)
+                declared = response.get("ContentLength")
+                if declared is not None and len(data) != declared:  # read1 skips botocore's check
+                    raise ScoringError(
+                        ErrorCode.SOURCE_UNAVAILABLE,
+                        f"{what}: the connection ended after {len(data)} of {declared} bytes",
+                    )
+                return data
             finally:
                 body.close()
         except ClientError as error:
