@@ -106,6 +106,24 @@ def test_slow_drip_s3_endpoint_ends_in_fetch_timeout_by_the_deadline(
     assert elapsed < FETCH_TIMEOUT + DEADLINE_SLACK_S, elapsed
 
 
+def test_s3_fetch_reads_whole_objects_quietly(s3_endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The deadline-aware reader gets every byte of a multi-chunk object and logs nothing."""
+    import boto3
+
+    from worker.serving.sources import CHUNK_BYTES
+
+    data = bytes(range(256)) * (3 * CHUNK_BYTES // 256 + 7)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="realscore-quiet")
+    s3.put_object(Bucket="realscore-quiet", Key="big.bin", Body=data)
+    sources = Sources(local_roots=[], max_bytes=1 << 26, timeout=30, s3_endpoint_url=s3_endpoint)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # the second reuses the pooled connection
+            assert sources.fetch("s3://realscore-quiet/big.bin") == data
+    loud = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert not loud, loud
+
+
 def test_s3_body_cut_short_is_source_unavailable_not_a_corrupt_image(
     dripping_endpoint: http.server.ThreadingHTTPServer,
 ) -> None:

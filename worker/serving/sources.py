@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import socket
 import stat
 import threading
 import time
@@ -124,6 +125,17 @@ def _read_capped(stream: _Readable, max_bytes: int, deadline: float, what: str) 
         chunks.append(chunk)
 
 
+def _socket_of(raw: object) -> socket.socket | None:
+    """The socket under a urllib3 response, or None once http.client has let go of it.
+
+    The path is the one botocore's ``StreamingBody.set_socket_timeout`` uses; that method logs a
+    traceback at ERROR when the socket is gone, which it is after the last byte, hence our own.
+    """
+    fp = getattr(getattr(raw, "_fp", None), "fp", None)
+    sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
 class _DeadlineBody:
     """A botocore ``StreamingBody`` read so that every read returns by the deadline.
 
@@ -147,10 +159,12 @@ class _DeadlineBody:
             raise _timed_out(self._what)
         if self._raw is None or not hasattr(self._raw, "read1"):
             return self._body.read(amount)  # type: ignore[attr-defined]
-        try:
-            self._body.set_socket_timeout(max(0.01, min(self._socket_timeout, left)))  # type: ignore[attr-defined]
-        except (AttributeError, OSError):
-            pass  # no socket (already drained): read1 answers from the buffer
+        sock = _socket_of(self._raw)
+        if sock is not None:  # None once drained: read1 then answers from what is buffered
+            try:
+                sock.settimeout(max(0.01, min(self._socket_timeout, left)))
+            except OSError:
+                pass  # closed under us: read1 reports it
         try:
             return self._raw.read1(amount)
         except (ReadTimeoutError, TimeoutError):
