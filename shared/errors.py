@@ -18,6 +18,7 @@ class ErrorCode(str, Enum):
     NOT_AN_IMAGE = "not_an_image"
     CORRUPT_IMAGE = "corrupt_image"
     FETCH_TIMEOUT = "fetch_timeout"
+    OUT_OF_MEMORY = "out_of_memory"
     BAD_REQUEST = "bad_request"
     # The source, not this image: the worker's S3 credentials, region or endpoint are missing or
     # wrong, or the endpoint is down. The message says what to set; other images fail alike.

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     head_weights: Path = Path("weights/modelo_final.pth")
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    decode: Literal["auto", "exact", "tensor", "gpu"] = Field(
+        "auto", description="preprocessing mode; auto: gpu on CUDA with torchvision, else exact"
+    )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile mode for the tower, warmed up at start over fixed batch sizes"
+    )
 
     # Batching and worker threads.
     max_batch_size: int = Field(32, ge=1, le=1024)
@@ -59,8 +65,10 @@ class Settings(BaseSettings):
     concurrency: int | None = Field(
         None, ge=1, le=4096, description="task threads; default 4 x MAX_BATCH_SIZE"
     )
-    max_pending_bytes: int = Field(
-        1 << 30, ge=1 << 20, description="decoded pixels in flight per worker process, in bytes"
+    max_pending_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="image bytes in flight per worker process; default max(1 GiB, 96 MiB x cores)",
     )
 
     # Inputs.
@@ -115,6 +123,11 @@ class Settings(BaseSettings):
                     f"{name!r} is not a plain bucket name (no ARNs, access points or aliases)"
                 )
         return value
+
+    @property
+    def pending_bytes(self) -> int:
+        """The pixel budget: room for two 12-MP RGB decodes per core, and never under 1 GiB."""
+        return self.max_pending_bytes or max(1 << 30, (os.cpu_count() or 1) * (96 << 20))
 
     @property
     def task_concurrency(self) -> int:

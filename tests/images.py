@@ -69,3 +69,24 @@ def write_variants(folder: Path) -> dict[str, Path]:
     put("truncated.jpg", whole[: len(whole) // 2])
     put("bomb.png", png_bomb())
     return files
+
+
+def photo_like(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A photo-like RGB picture: smooth gradients and blobs plus mild sensor noise (pure noise
+    would make every resampling filter look equally bad and compress like nothing real)."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    # Build at low resolution and upscale: smooth structure at any output size, cheaply.
+    low_w, low_h = max(2, width // 16), max(2, height // 16)
+    y, x = np.mgrid[0:low_h, 0:low_w].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        field = rng.uniform(40, 200) + rng.uniform(-60, 60) * x / low_w + rng.uniform(-60, 60) * y / low_h
+        for _ in range(6):
+            cx, cy, r = rng.uniform(0, low_w), rng.uniform(0, low_h), rng.uniform(2, max(low_w, low_h) / 3)
+            field += rng.uniform(-70, 70) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+        channels.append(field)
+    low = Image.fromarray(np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8), "RGB")
+    smooth = np.asarray(low.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+    noise = rng.normal(0, 6, smooth.shape).astype(np.int16)
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8), "RGB")

@@ -52,10 +52,10 @@ def test_a_model_that_keeps_failing_is_reported_once(service_factory, loaded_mod
     broken: list[BaseException] = []
     service = service_factory(on_broken=broken.append)
 
-    def failing(pixels: object) -> object:
+    def failing(pixels: object, **_: object) -> object:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(loaded_model, "score_and_features", failing)
+    monkeypatch.setattr(loaded_model, "launch", failing)
     images = [str(path) for path in sorted(image_dir.glob("*.png"))]
     for _ in range(3):
         results = service.score_uris(images)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from shared.errors import ErrorCode, ScoringError
 
@@ -45,10 +45,53 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return image
 
 
-def decoded_bytes_estimate(image: Image.Image) -> int:
-    """Upper bound on memory the decode of ``image`` takes (source frame plus RGB copies)."""
+# Bytes per pixel of a decoded Pillow frame, by mode (Pillow stores 3-band images in 4 bytes).
+_FRAME_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+# Allowance for what is not a whole frame: decoder state, a resize's intermediate rows.
+_SLACK = 8 << 20
+
+
+def frame_bytes(mode: str, width: int, height: int) -> int:
+    """Bytes Pillow allocates for one ``width`` x ``height`` frame in ``mode``."""
+    return _FRAME_BYTES.get(mode, 4) * width * height
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) from the header; 1 when absent or unreadable."""
+    try:
+        value = int(image.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block must not cost the picture
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def decoded_bytes_estimate(image: Image.Image, *, rgb_array: bool = False) -> int:
+    """Upper bound on the memory :func:`to_rgb` of ``image`` takes at its peak.
+
+    Counts every frame alive at once along the real conversion steps for the header's mode (and
+    the size after any ``draft``): the decoded frame, a transposed copy when the EXIF orientation
+    rotates, the integer scaling of 16-bit modes, the alpha compositing and the RGB frame.
+    ``rgb_array``: the caller also copies the RGB frame out as a uint8 array (3 bytes a pixel).
+    """
     width, height = image.size
-    return width * height * 4 * 3
+    pixels = width * height
+    mode = image.mode
+    source = frame_bytes(mode, width, height)
+    peak = source
+    if orientation(image) != 1:
+        peak += source  # the transposed frame exists beside the original for a moment
+    if mode in _HIGH_BIT_MODES or mode == "F":
+        peak += source + 4 * pixels + pixels  # numpy copy, 32-bit work array, 8-bit result
+        mode = "L"
+    rgb = 4 * pixels
+    has_alpha = "A" in ImageMode.getmode(mode).bands
+    if has_alpha or "transparency" in image.info:
+        peak += 3 * rgb  # RGBA copy, white background, composite; the RGB frame replaces one
+    elif mode != "RGB":
+        peak += rgb
+    if rgb_array:
+        peak += 3 * pixels
+    return peak + _SLACK
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -57,33 +100,59 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         image.load()
         try:
-            image = ImageOps.exif_transpose(image)
+            # In place: no copy of the frame when there is nothing to rotate.
+            ImageOps.exif_transpose(image, in_place=True)
+        except MemoryError:
+            raise
         except Exception:  # a broken EXIF block must not cost the picture
             pass
         return _convert(image)
     except ScoringError:
         raise
+    except MemoryError:
+        raise ScoringError(
+            ErrorCode.OUT_OF_MEMORY,
+            f"out of memory decoding a {image.size[0]}x{image.size[1]} {image.mode} image",
+        ) from None
     except Image.DecompressionBombError as error:
         raise ScoringError(ErrorCode.TOO_MANY_PIXELS, str(error)) from None
     except Exception as error:  # truncated data, bad chunks, broken codecs
         raise ScoringError(ErrorCode.CORRUPT_IMAGE, f"cannot decode image: {error}") from None
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float greyscale -> "L", as the seed's float path rounded it,
+    in integer (or float32) arithmetic: no float64 frames."""
+    if image.mode == "F":
+        values = np.array(image, dtype=np.float32)
+        if values.max(initial=0) <= 1.0:
+            values *= np.float32(255.0)
+        np.rint(values, out=values)
+        np.clip(values, 0, 255, out=values)
+        return Image.fromarray(values.astype(np.uint8), "L")
+    values = np.array(image, dtype=np.int32)
+    if image.mode != "I" or values.max(initial=0) > 255:
+        # rint(v / 257) == (v + 128) // 257 for integers v (v / 257 is never exactly x.5).
+        np.clip(values, 0, 65535, out=values)
+        values += 128
+        values //= 257
+    else:
+        np.clip(values, 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8), mode="L")
+
+
 def _convert(image: Image.Image) -> Image.Image:
-    if image.mode in _HIGH_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode != "I" or values.max(initial=0) > 255:
-            values = values / 257.0  # 0..65535 -> 0..255
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
-        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+    if image.mode in _HIGH_BIT_MODES or image.mode == "F":
+        image = _to_8bit(image)
     has_alpha = "A" in image.getbands() or "transparency" in image.info
     if has_alpha:
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        composite = Image.alpha_composite(background, rgba)
+        del rgba, background
+        return composite.convert("RGB")
+    if image.mode == "RGB":
+        return image  # already what we need: no copy
     return image.convert("RGB")
 
 

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import re
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +26,23 @@ from worker.model.weights import Checkpoint, WeightsError, read_checkpoint, tens
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # "name" or "namespace/name", as the hub spells repository ids.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ModelLoadError(RuntimeError):
     """The model cannot be served as configured; the message says why."""
+
+
+@dataclass
+class Launched:
+    """A forward pass queued on the device; :meth:`LoadedModel.collect` waits for it."""
+
+    count: int
+    scores: torch.Tensor
+    features: torch.Tensor | None
+    ready: torch.cuda.Event | None
 
 
 @dataclass
@@ -41,6 +54,8 @@ class LoadedModel:
     dtype: torch.dtype
     tower_name: str
     head_metadata: dict[str, str] = field(default_factory=dict)
+    compiled_sizes: tuple[int, ...] = ()
+    _features: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @torch.inference_mode()
     def score(self, pixel_values: torch.Tensor) -> list[float]:
@@ -51,8 +66,60 @@ class LoadedModel:
     def score_and_features(self, pixel_values: torch.Tensor) -> tuple[list[float], torch.Tensor]:
         """Scores and pooled features (N, hidden, float32 on the CPU) from one forward pass."""
         pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        features = self.model.features(pixels)
-        return self.model.head(features).tolist(), features.float().cpu()
+        scores, features = self.collect(self.launch(pixels, with_features=True))
+        assert features is not None
+        return scores, features
+
+    @torch.inference_mode()
+    def launch(self, pixels: torch.Tensor, *, with_features: bool = False) -> Launched:
+        """Queue the forward of device-resident ``pixels`` and the copies of its results to
+        the host, without waiting: the caller may stage the next batch meanwhile. Pooled features
+        come back only ``with_features`` (``embed``)."""
+        count = pixels.shape[0]
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        padded = self._padded_size(count)
+        if padded != count:  # a compiled shape: pad, never recompile on traffic
+            filler = pixels.new_zeros((padded - count, *pixels.shape[1:]))
+            pixels = torch.cat([pixels, filler])
+        features = (self._features or self.model.features)(pixels)[:count]
+        scores = self.model.head(features)
+        if self.device.type != "cuda":
+            return Launched(count, scores, features.float() if with_features else None, None)
+        scores_host = scores.to("cpu", non_blocking=True)
+        features_host = features.float().to("cpu", non_blocking=True) if with_features else None
+        ready = torch.cuda.Event()
+        ready.record()
+        return Launched(count, scores_host, features_host, ready)
+
+    def collect(self, launched: Launched) -> tuple[list[float], torch.Tensor | None]:
+        """Wait for a launched forward; scores (and features if asked) on the host."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        return launched.scores.tolist(), launched.features
+
+    def _padded_size(self, count: int) -> int:
+        for size in self.compiled_sizes:
+            if size >= count:
+                return size
+        return count
+
+    def compile(self, mode: str, batch_sizes: Sequence[int], *, backend: str = "inductor") -> None:
+        """``torch.compile`` the tower for these fixed batch sizes and run each once now, so
+        traffic never triggers a compile (batches are padded up to the next size)."""
+        compiled = torch.compile(self.model.features, mode=mode, dynamic=False, backend=backend)
+        shape = self.preprocessing.output_shape
+        self.compiled_sizes = tuple(sorted(set(batch_sizes)))
+        self._features = compiled
+        for size in self.compiled_sizes:
+            started = time.monotonic()
+            with torch.inference_mode():
+                self.collect(self.launch(torch.zeros((size, *shape), device=self.device)))
+            log.info("compiled the tower for batch %d in %.1f s", size, time.monotonic() - started)
+
+    def result_model(self, decode_mode: str) -> str:
+        """The ``model`` string results carry: weights, dtype and preprocessing mode, since each
+        changes the score (fp32 CPU and fp16 GPU results must not pass for one another)."""
+        return f"{self.model_id}+{_DTYPE_NAMES[self.dtype]}+decode:{decode_mode}"
 
 
 def resolve_device(name: str) -> torch.device:

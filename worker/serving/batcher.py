@@ -5,10 +5,16 @@ item arrived (the pattern of Triton's dynamic batcher and Ray Serve's ``@serve.b
 interactive items are always taken before bulk ones, so a single web request never waits behind a
 prefetched backfill chunk.
 
-A failed forward pass is retried in halves until the failing items are isolated, so one image
-that breaks the model fails alone. When every forward keeps failing (a poisoned CUDA context,
-say) the batcher calls ``on_broken`` once, so the worker can stop taking work instead of turning
-every later image into an error.
+The forward step is split in two so the device never waits for the host: ``forward`` stages a
+batch (copies it to the device and queues the model) and returns a handle; ``finish`` waits for
+that handle's results. With ``pipeline_depth=2`` the next batch is staged before the current one
+is finished. An item fails alone when ``finish`` returns :class:`ItemFailed` for it (an image
+the device could not decode); an exception from either step is the whole batch's (the model runs
+on fixed-shape tensors, so no single image can be blamed and retrying in halves would only run
+it again), except the errors in ``split_on`` (out of device memory): that batch is retried in
+halves and the effective ``max_batch_size`` shrinks, so no image is lost. When every batch keeps
+failing (a poisoned CUDA context, say) the batcher calls ``on_broken`` once, so the worker can
+stop taking work instead of turning every later image into an error.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ class BatcherStopped(RuntimeError):
     """Submitted after :meth:`DynamicBatcher.stop`."""
 
 
+@dataclass(frozen=True)
+class ItemFailed:
+    """An output meaning: this item failed on its own with ``error``; the others are fine."""
+
+    error: BaseException
+
+
 @dataclass
 class _Pending(Generic[Item, Output]):
     item: Item
@@ -49,21 +62,32 @@ class _Pending(Generic[Item, Output]):
 
 
 class DynamicBatcher(Generic[Item, Output]):
-    """``forward(list of items) -> list of outputs, same order`` run in batches on one thread."""
+    """``finish(forward(list of items)) -> list of outputs, same order``, in batches on one thread.
+
+    Without ``finish``, ``forward`` returns the outputs itself.
+    """
 
     def __init__(
         self,
-        forward: Callable[[list[Item]], Sequence[Output]],
+        forward: Callable[[list[Item]], object],
         *,
         max_batch_size: int,
         max_wait_s: float,
+        finish: Callable[[object], Sequence[Output | ItemFailed]] | None = None,
+        pipeline_depth: int = 1,
+        split_on: tuple[type[BaseException], ...] = (),
         name: str = "realscore-batcher",
         on_broken: Callable[[BaseException], None] | None = None,
         broken_after: int = 3,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be at least 1")
         self._forward = forward
+        self._finish = finish or (lambda outputs: outputs)  # type: ignore[return-value]
+        self.pipeline_depth = pipeline_depth
+        self._split_on = split_on
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._lanes: tuple[deque[_Pending], deque[_Pending]] = (deque(), deque())
@@ -120,8 +144,12 @@ class DynamicBatcher(Generic[Item, Output]):
     def _oldest(self) -> float:
         return min(lane[0].enqueued for lane in self._lanes if lane)
 
-    def _take_batch(self) -> list[_Pending] | None:
+    def _take_batch(self, wait: bool = True) -> list[_Pending] | None:
+        """The next batch; None once stopping and drained. ``wait=False`` (a batch is in flight):
+        take what is queued now, possibly nothing, rather than wait for the batch to fill."""
         with self._cond:
+            if not wait:
+                return self._pop_batch()
             self._cond.wait_for(lambda: self._queued() > 0 or self._stopping)
             if not self._queued():
                 return None  # stopping and drained
@@ -131,14 +159,21 @@ class DynamicBatcher(Generic[Item, Output]):
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch: list[_Pending] = []
-            for lane in self._lanes:  # interactive first
-                while lane and len(batch) < self.max_batch_size:
-                    batch.append(lane.popleft())
-            return batch
+            return self._pop_batch()
+
+    def _pop_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        for lane in self._lanes:  # interactive first
+            while lane and len(batch) < self.max_batch_size:
+                batch.append(lane.popleft())
+        return batch
 
     def _run(self) -> None:
-        while (batch := self._take_batch()) is not None:
+        in_flight: deque[_Launched] = deque()
+        while True:
+            batch = self._take_batch(wait=not in_flight)
+            if batch is None:
+                return
             live = []
             for pending in batch:
                 if pending.future.set_running_or_notify_cancel():
@@ -146,16 +181,58 @@ class DynamicBatcher(Generic[Item, Output]):
                 else:
                     _release(pending)
             if live:
-                self._run_batch(live)
+                in_flight.extend(self._launch(live))
+            while in_flight and (len(in_flight) >= self.pipeline_depth or not live):
+                self._complete(in_flight.popleft())
 
-    def _run_batch(self, batch: list[_Pending]) -> None:
+    def _launch(self, batch: list[_Pending]) -> list[_Launched]:
+        """Stage ``batch``; out of device memory, stage it in halves and shrink the batch size."""
         started = time.monotonic()
         for pending in batch:
             metrics.QUEUE_WAIT.labels(pending.lane.name.lower()).observe(started - pending.enqueued)
-        error = self._forward_isolating(batch)
+        try:
+            return [_Launched(batch, self._forward([p.item for p in batch]), None, started)]
+        except self._split_on as error:
+            if len(batch) == 1:
+                return [_Launched(batch, None, error, started)]
+            half = len(batch) // 2
+            if self.max_batch_size > half:
+                self.max_batch_size = half
+                log.warning("%r on a batch of %d: max batch size is now %d", error, len(batch), half)
+            return self._launch(batch[:half]) + self._launch(batch[half:])
+        except BaseException as error:  # noqa: BLE001 - one bad batch must not stop the worker
+            return [_Launched(batch, None, error, started)]
+
+    def _complete(self, launched: _Launched) -> None:
+        """Wait for a staged batch and resolve its futures."""
+        batch, error = launched.batch, launched.error
+        outputs: list[object] = []
         if error is None:
-            self._failed_in_a_row = 0
+            try:
+                outputs = list(self._finish(launched.handle))
+                if len(outputs) != len(batch):
+                    raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(batch)} items")
+            except BaseException as failure:  # noqa: BLE001
+                error = failure
+        self.batches_run += 1
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.FORWARD_TIME.observe(time.monotonic() - launched.started)
+        if error is not None:
+            log.error("forward pass failed for a batch of %d: %r", len(batch), error)
+            for pending in batch:
+                _release(pending)
+                pending.future.set_exception(error)
+            self._count_failure(error)
             return
+        self._failed_in_a_row = 0
+        for pending, output in zip(batch, outputs):
+            _release(pending)
+            if isinstance(output, ItemFailed):
+                pending.future.set_exception(output.error)
+            else:
+                pending.future.set_result(output)
+
+    def _count_failure(self, error: BaseException) -> None:
         self._failed_in_a_row += 1
         if self._failed_in_a_row >= self._broken_after and not self.broken:
             self.broken = True
@@ -163,31 +240,13 @@ class DynamicBatcher(Generic[Item, Output]):
             if self._on_broken is not None:
                 self._on_broken(error)
 
-    def _forward_isolating(self, batch: list[_Pending]) -> BaseException | None:
-        """Resolve every item; retry a failed batch in halves. The error if nothing succeeded."""
-        started = time.monotonic()
-        try:
-            outputs = list(self._forward([p.item for p in batch]))
-            if len(outputs) != len(batch):
-                raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(batch)} items")
-        except BaseException as error:  # noqa: BLE001 - one bad batch must not stop the worker
-            if len(batch) == 1:
-                log.error("forward pass failed for one item: %r", error)
-                _release(batch[0])
-                batch[0].future.set_exception(error)
-                return error
-            log.warning("forward pass failed for a batch of %d (%r); retrying in halves", len(batch), error)
-            middle = len(batch) // 2
-            first, second = self._forward_isolating(batch[:middle]), self._forward_isolating(batch[middle:])
-            return first if first is not None and second is not None else None
-        finally:
-            self.batches_run += 1
-            metrics.BATCH_SIZE.observe(len(batch))
-            metrics.FORWARD_TIME.observe(time.monotonic() - started)
-        for pending, output in zip(batch, outputs):
-            _release(pending)
-            pending.future.set_result(output)
-        return None
+
+@dataclass
+class _Launched:
+    batch: list[_Pending]
+    handle: object
+    error: BaseException | None
+    started: float
 
 
 def _release(pending: _Pending) -> None:

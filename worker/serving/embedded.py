@@ -14,6 +14,7 @@ import sys
 from shared.cli import EXIT_OK, UsageError
 from shared.settings import Settings, get_settings
 from worker.model.loader import ModelLoadError, load_model
+from worker.model.modes import DecodeModeError
 from worker.serving.memory import limit_malloc_arenas
 from worker.serving.service import ScoringService
 
@@ -37,7 +38,10 @@ def start_service(settings: Settings, batch_size: int | None = None) -> ScoringS
         )
     except ModelLoadError as error:
         raise UsageError(str(error)) from None
-    return ScoringService(loaded, settings, local_roots=None, max_batch_size=batch_size).start()
+    try:
+        return ScoringService(loaded, settings, local_roots=None, max_batch_size=batch_size).start()
+    except DecodeModeError as error:
+        raise UsageError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
     from worker.serving import metrics, runtime
     from worker.serving.attempts import AttemptCounter
     from worker.model.loader import ModelLoadError, load_model
+    from worker.model.modes import DecodeModeError
     from worker.serving.memory import limit_malloc_arenas
     from worker.serving.service import ScoringService
 
@@ -76,9 +77,14 @@ def serve(settings: Settings, extra: list[str]) -> int:
         log.critical("the model keeps failing (%r): stopping this worker", error)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    service = ScoringService(
-        loaded, settings, local_roots=settings.local_roots, on_broken=stop_consuming
-    ).start()
+    try:
+        service = ScoringService(
+            loaded, settings, local_roots=settings.local_roots, on_broken=stop_consuming
+        ).start()
+    except DecodeModeError as error:
+        print(f"realscore worker: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    log.info("results are stamped %s", service.results.model)
     attempts = AttemptCounter.from_url(
         settings.broker_url, settings.max_attempts, settings.visibility_timeout * (settings.max_attempts + 1)
     )

@@ -1,9 +1,10 @@
 """One image's whole path, shared by the Celery tasks, the embedded CLI and ``evaluate``:
 
-    URI -> bytes (sources) -> RGB (decode) -> pixels (preprocess) -> batcher -> score -> result
+    URI -> bytes (sources) -> header check -> mode.stage -> batcher -> mode.collate -> model -> result
 
-Fetch, decode and preprocessing run on the calling thread (I/O and Pillow release the GIL), so the
-batcher thread only ever runs the model. Every failure becomes an error result for that image.
+Fetch, the header check and the preprocessing mode's CPU work run on the calling thread (I/O and
+Pillow release the GIL); the batcher thread runs the mode's device work and the model
+(worker/model/modes.py). Every failure becomes an error result for that image.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from shared.results import ResultFactory, Result
 from shared.settings import Settings
 from worker.model import decode
 from worker.serving import metrics
-from worker.serving.batcher import DynamicBatcher, Lane
+from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane
 from worker.serving.budget import ByteBudget
 from worker.lifecycle.features import encode_features
-from worker.model.loader import LoadedModel
+from worker.model.loader import Launched, LoadedModel
+from worker.model.modes import Collated, Staged, make_mode
 from worker.serving.sources import Sources
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,23 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Prepared:
-    """An image ready for the model."""
+    """An image ready for the batcher (what its preprocessing mode staged)."""
 
-    pixels: torch.Tensor
+    staged: Staged
     sha256: str
+
+
+@dataclass(frozen=True)
+class _Item:
+    payload: object
+    with_features: bool
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    errors: list[BaseException | None]
+    with_features: list[bool]
+    launched: Launched | None
 
 
 def verdict_rule(settings: Settings, head_metadata: dict[str, str]) -> tuple[float, str]:
@@ -71,8 +86,13 @@ class ScoringService:
         self.loaded = loaded
         self.settings = settings
         threshold, means = verdict_rule(settings, loaded.head_metadata)
+        # DecodeModeError (e.g. gpu without torchvision) stops start-up with its one line.
+        self.mode = make_mode(settings.decode, loaded.preprocessing, loaded.device, loaded.dtype)
         self.results = ResultFactory(
-            loaded.model_id, threshold, means, include_sha256=settings.result_sha256  # type: ignore[arg-type]
+            loaded.result_model(self.mode.name),
+            threshold,
+            means,  # type: ignore[arg-type]
+            include_sha256=settings.result_sha256,
         )
         threads = threads or settings.task_concurrency
         self.sources = Sources(
@@ -86,9 +106,14 @@ class ScoringService:
             # lane, as many threads each) fetch for `score_many`: all can hold a connection.
             max_pool_connections=max(settings.task_concurrency + threads * len(Lane), 10),
         )
-        self.budget = ByteBudget(settings.max_pending_bytes)
-        self.batcher: DynamicBatcher[torch.Tensor, tuple[float, torch.Tensor]] = DynamicBatcher(
-            self._forward,
+        self.budget = ByteBudget(settings.pending_bytes)
+        on_gpu = loaded.device.type == "cuda"
+        self.batcher: DynamicBatcher[_Item, tuple[float, torch.Tensor | None]] = DynamicBatcher(
+            self._stage,
+            finish=self._finish,
+            # On a GPU, stage batch N+1 while batch N runs; on a CPU staging *is* the work.
+            pipeline_depth=2 if on_gpu else 1,
+            split_on=(torch.cuda.OutOfMemoryError,),
             max_batch_size=max_batch_size or settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             on_broken=on_broken,
@@ -108,6 +133,9 @@ class ScoringService:
         return not self.batcher.broken
 
     def start(self) -> ScoringService:
+        """Compile and warm up (``REALSCORE_COMPILE``) before taking work, then start batching."""
+        if self.settings.compile != "off" and not self.loaded.compiled_sizes:
+            self.loaded.compile(self.settings.compile, compile_sizes(self.batcher.max_batch_size))
         self.batcher.start()
         return self
 
@@ -117,33 +145,57 @@ class ScoringService:
             pool.shutdown(wait=True)
         self.batcher.stop()
 
-    def _forward(self, items: list[torch.Tensor]) -> list[tuple[float, torch.Tensor]]:
-        scores, features = self.loaded.score_and_features(torch.stack(items))
-        return list(zip(scores, features))
+    def _stage(self, items: list[_Item]) -> _InFlight:
+        """Forward step, first half: the mode's device work, then the model, queued on the device."""
+        collated: Collated = self.mode.collate([item.payload for item in items])
+        flags = [item.with_features for item, error in zip(items, collated.errors) if error is None]
+        launched = None
+        if flags:
+            launched = self.loaded.launch(collated.pixels, with_features=any(flags))
+        return _InFlight(collated.errors, flags, launched)
+
+    def _finish(self, in_flight: _InFlight) -> list[tuple[float, torch.Tensor | None] | ItemFailed]:
+        """Forward step, second half: wait for the device; one output or failure per item."""
+        scores: list[float] = []
+        features = None
+        if in_flight.launched is not None:
+            scores, features = self.loaded.collect(in_flight.launched)
+        outputs: list[tuple[float, torch.Tensor | None] | ItemFailed] = []
+        row = 0
+        for error in in_flight.errors:
+            if error is not None:
+                outputs.append(ItemFailed(error))
+                continue
+            wanted = in_flight.with_features[row]
+            outputs.append((scores[row], features[row] if wanted and features is not None else None))
+            row += 1
+        return outputs
 
     def prepare(self, uri: object) -> Prepared:
-        """Fetch, decode and preprocess one image (on the calling thread)."""
+        """Fetch, check the header and stage one image (on the calling thread)."""
         data = self.sources.fetch(uri)
         return self.prepare_bytes(data)
 
     def prepare_bytes(self, data: bytes) -> Prepared:
-        """Decode and preprocess image bytes, within the process's pixel budget."""
+        """Check the header and run the mode's CPU work, within the process's pixel budget (the
+        compressed bytes count too)."""
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             image = decode.open_image(data, max_pixels=self.settings.max_image_pixels)
-            with self.budget.hold(decode.decoded_bytes_estimate(image)):
-                pixels = self.loaded.preprocessing(decode.to_rgb(image))
+            staged = self.mode.stage(image, data, lambda nbytes: self.budget.hold(nbytes + len(data)))
         except ScoringError as error:
             error.sha256 = sha256  # type: ignore[attr-defined]
             raise
-        return Prepared(pixels, sha256)
+        return Prepared(staged, sha256)
 
-    def infer(self, prepared: Prepared, lane: Lane = Lane.INTERACTIVE) -> tuple[float, torch.Tensor]:
-        """Score and features of a prepared image, through the batcher (blocks until done)."""
-        pixels = prepared.pixels
-        taken = self.budget.acquire(pixels.numel() * pixels.element_size())
+    def infer(
+        self, prepared: Prepared, lane: Lane = Lane.INTERACTIVE, *, with_features: bool = False
+    ) -> tuple[float, torch.Tensor | None]:
+        """Score (and features if asked) of a prepared image, through the batcher (blocks)."""
+        taken = self.budget.acquire(prepared.staged.nbytes)
+        item = _Item(prepared.staged.payload, with_features)
         try:
-            future = self.batcher.submit(pixels, lane, on_done=lambda: self.budget.release(taken))
+            future = self.batcher.submit(item, lane, on_done=lambda: self.budget.release(taken))
         except BaseException:
             self.budget.release(taken)
             raise
@@ -166,7 +218,7 @@ class ScoringService:
 
     def embed_uri(self, uri: object, lane: Lane = Lane.BULK) -> dict:
         """Pooled features of one image for training, encoded compactly (base64 float16)."""
-        outcome = self._run(uri, lambda: self.prepare(uri), lane)
+        outcome = self._run(uri, lambda: self.prepare(uri), lane, with_features=True)
         if isinstance(outcome, _Failure):
             return embed_row(outcome.result)
         return embed_row(
@@ -174,14 +226,21 @@ class ScoringService:
             outcome.features,
         )
 
-    def _run(self, uri: object, prepare: Callable[[], Prepared], lane: Lane) -> _Done | _Failure:
+    def _run(
+        self, uri: object, prepare: Callable[[], Prepared], lane: Lane, *, with_features: bool = False
+    ) -> _Done | _Failure:
         """Prepare and infer one image; any failure becomes its error result."""
         started = time.monotonic()
         sha256 = None
         try:
             prepared = prepare()
             sha256 = prepared.sha256
-            score, features = self.infer(prepared, lane)
+            score, features = self.infer(prepared, lane, with_features=with_features)
+        except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+            # A batch of one that still does not fit, or a host allocation that failed.
+            message = f"{type(error).__name__}: {error}"
+            failure = ScoringError(ErrorCode.OUT_OF_MEMORY, message)
+            return _Failure(self.error_result(uri, failure, sha256, started))
         except Exception as error:  # noqa: BLE001 - every failure is a per-image result
             sha256 = sha256 or getattr(error, "sha256", None)
             return _Failure(self.error_result(uri, error, sha256, started))
@@ -209,10 +268,15 @@ class ScoringService:
         return list(self._pools[lane].map(function, items))
 
 
+def compile_sizes(max_batch_size: int) -> list[int]:
+    """The fixed batch sizes a compiled tower serves: max, max/2, max/4, max/8 (at least 1)."""
+    return sorted({max(1, max_batch_size >> shift) for shift in range(4)})
+
+
 @dataclass(frozen=True)
 class _Done:
     score: float
-    features: torch.Tensor
+    features: torch.Tensor | None
     sha256: str
     elapsed_ms: float
 
