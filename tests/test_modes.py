@@ -195,3 +195,21 @@ def test_out_of_memory_splits_the_batch_and_loses_no_image(
     result = service.score_uri(images[0])
     assert not result["ok"] and result["error"]["code"] == "out_of_memory"
     assert service.budget.in_use == 0
+
+
+@pytest.mark.gpu
+def test_cuda_gpu_mode_matches_exact_and_isolates_a_corrupt_jpeg(loaded_model, photos, variants) -> None:
+    cuda = torch.device("cuda")
+    mode = make_mode("gpu", loaded_model.preprocessing, cuda, torch.float32)
+    names = ["upright.jpg", "truncated.jpg", "upright.png", "cmyk.jpg", "exif-rotated.jpg"]
+    blobs = [variants[name].read_bytes() for name in names] + list(photos.values())
+    payloads = [
+        mode.stage(decode.open_image(b, max_pixels=10**9), b, lambda n: nullcontext()).payload
+        for b in blobs
+    ]
+    collated = mode.collate(payloads)
+    assert [e is None for e in collated.errors] == [True, False] + [True] * (len(blobs) - 2)
+    assert collated.pixels.device.type == "cuda"
+    exact = torch.stack([pixels("exact", loaded_model, b) for i, b in enumerate(blobs) if i != 1])
+    difference = (collated.pixels.cpu() - exact).abs()
+    assert float(difference.mean()) <= MEAN_TOLERANCE and float(difference.max()) <= MAX_TOLERANCE
