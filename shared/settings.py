@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     max_pending_bytes: int | None = Field(
         None,
         ge=1 << 20,
-        description="image bytes in flight per worker process; default max(1 GiB, 96 MiB x cores)",
+        description="image bytes in flight per worker process; default max(1 GiB, 128 MiB x cores)",
     )
 
     # Inputs.
@@ -126,8 +126,9 @@ class Settings(BaseSettings):
 
     @property
     def pending_bytes(self) -> int:
-        """The pixel budget: room for two 12-MP RGB decodes per core, and never under 1 GiB."""
-        return self.max_pending_bytes or max(1 << 30, (os.cpu_count() or 1) * (96 << 20))
+        """The pixel budget: room for a rotated 12-MP JPEG decode per core (~105 MiB with its
+        compressed bytes), and never under 1 GiB."""
+        return self.max_pending_bytes or max(1 << 30, (os.cpu_count() or 1) * (128 << 20))
 
     @property
     def task_concurrency(self) -> int:

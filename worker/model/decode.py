@@ -71,7 +71,7 @@ def decoded_bytes_estimate(image: Image.Image, *, rgb_array: bool = False) -> in
     Counts every frame alive at once along the real conversion steps for the header's mode (and
     the size after any ``draft``): the decoded frame, a transposed copy when the EXIF orientation
     rotates, the integer scaling of 16-bit modes, the alpha compositing and the RGB frame.
-    ``rgb_array``: the caller also copies the RGB frame out as a uint8 array (3 bytes a pixel).
+    ``rgb_array``: the caller also copies the RGB frame out as a uint8 array (``np.asarray``).
     """
     width, height = image.size
     pixels = width * height
@@ -84,13 +84,14 @@ def decoded_bytes_estimate(image: Image.Image, *, rgb_array: bool = False) -> in
         peak += source + 4 * pixels + pixels  # numpy copy, 32-bit work array, 8-bit result
         mode = "L"
     rgb = 4 * pixels
-    has_alpha = "A" in ImageMode.getmode(mode).bands
-    if has_alpha or "transparency" in image.info:
-        peak += 3 * rgb  # RGBA copy, white background, composite; the RGB frame replaces one
+    if mode == "RGBA":
+        peak += 2 * rgb  # white background and composite; the RGB frame replaces the background
+    elif "A" in ImageMode.getmode(mode).bands or "transparency" in image.info:
+        peak += 3 * rgb  # and an RGBA copy of the source first
     elif mode != "RGB":
         peak += rgb
     if rgb_array:
-        peak += 3 * pixels
+        peak += 6 * pixels  # numpy reads the frame through tobytes(): encoded chunks, then joined
     return peak + _SLACK
 
 

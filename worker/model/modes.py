@@ -169,7 +169,7 @@ class GpuMode(TensorMode):
         self._rgb = ImageReadMode.RGB
 
     def stage(self, image: Image.Image, data: bytes, hold: Hold) -> Staged:
-        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        if image.format == "JPEG" and image.mode in ("RGB", "L") and _has_end_marker(data):
             with hold(0):  # the compressed bytes only: they wait in the queue
                 return Staged(_Jpeg(data, decode.orientation(image)), len(data))
         return super().stage(image, data, hold)
@@ -214,6 +214,13 @@ class GpuMode(TensorMode):
         except ScoringError as error:
             return error
         return self.upload([frame])[0]
+
+
+def _has_end_marker(data: bytes) -> bool:
+    """Whether a JPEG ends (give or take trailing bytes) with its EOI marker. A truncated file
+    does not, and a device decoder may fill the missing rows with grey instead of refusing:
+    Pillow decodes it, so it fails as ``corrupt_image`` as in ``exact`` mode."""
+    return data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) != -1
 
 
 class _NoHold(AbstractContextManager):
