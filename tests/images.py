@@ -90,3 +90,12 @@ def photo_like(seed: int, size: tuple[int, int]) -> Image.Image:
     smooth = np.asarray(low.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
     noise = rng.normal(0, 6, smooth.shape).astype(np.int16)
     return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def broken_huffman_jpeg(image: Image.Image) -> bytes:
+    """A JPEG whose header and end marker are intact but whose Huffman table is garbage: it
+    passes every header check and fails only when decoded (by Pillow and torchvision alike)."""
+    data = bytearray(jpeg_bytes(image, quality=90))
+    table = data.find(b"\xff\xc4")
+    data[table + 5 : table + 21] = b"\xff" * 16
+    return bytes(data)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from shared.errors import ErrorCode, ScoringError
 from shared.settings import load_settings
-from tests.images import jpeg_bytes, photo_like, write_variants
+from tests.images import broken_huffman_jpeg, jpeg_bytes, photo_like, write_variants
 from worker.model import decode
 from worker.model.modes import DecodeModeError, make_mode, resolve_mode
 from worker.serving.service import ScoringService
@@ -59,7 +59,10 @@ def service_for(loaded_model):
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_variants(tmp_path_factory.mktemp("mode-variants"))
+    files = write_variants(tmp_path_factory.mktemp("mode-variants"))
+    files["broken.jpg"] = files["upright.jpg"].with_name("broken.jpg")
+    files["broken.jpg"].write_bytes(broken_huffman_jpeg(photo_like(4, (320, 240))))
+    return files
 
 
 @pytest.mark.parametrize("mode", ["exact", "tensor", "gpu"])
@@ -67,9 +70,9 @@ def test_each_mode_scores_every_variant_and_says_so(service_for, variants, mode:
     service = service_for(mode)
     good = ["upright.png", "rgba.png", "palette.gif", "grey16.png", "cmyk.jpg", "photo.webp",
             "upright.jpg", "exif-rotated.jpg"]
-    results = service.score_uris([str(variants[name]) for name in good + ["truncated.jpg"]])
-    assert [r["ok"] for r in results] == [True] * len(good) + [False]
-    assert results[-1]["error"]["code"] == "corrupt_image"
+    results = service.score_uris([str(variants[name]) for name in good + ["truncated.jpg", "broken.jpg"]])
+    assert [r["ok"] for r in results] == [True] * len(good) + [False, False]
+    assert {r["error"]["code"] for r in results[-2:]} == {"corrupt_image"}
     assert all(r["model"].endswith(f"+fp32+decode:{mode}") for r in results)
     assert service.budget.in_use == 0
 
@@ -120,7 +123,7 @@ def test_gpu_mode_sends_only_plain_jpegs_to_the_device_decoder(loaded_model, var
 
 def test_a_corrupt_jpeg_fails_alone_in_its_gpu_batch(loaded_model, variants) -> None:
     mode = make_mode("gpu", loaded_model.preprocessing, CPU, torch.float32)
-    names = ["upright.jpg", "truncated.jpg", "upright.png", "exif-rotated.jpg"]
+    names = ["upright.jpg", "broken.jpg", "upright.png", "exif-rotated.jpg"]
     payloads = []
     for name in names:
         data = variants[name].read_bytes()
@@ -134,9 +137,9 @@ def test_a_corrupt_jpeg_fails_alone_in_its_gpu_batch(loaded_model, variants) -> 
 
 def test_a_corrupt_jpeg_in_a_gpu_mode_service_batch_costs_only_itself(service_for, variants) -> None:
     service = service_for("gpu", concurrency=8)
-    names = ["upright.jpg", "truncated.jpg", "upright.jpg", "exif-rotated.jpg"] * 2
+    names = ["upright.jpg", "broken.jpg", "truncated.jpg", "upright.jpg", "exif-rotated.jpg"] * 2
     results = service.score_uris([str(variants[name]) for name in names])
-    assert [r["ok"] for r in results] == [name != "truncated.jpg" for name in names]
+    assert [r["ok"] for r in results] == [not name.startswith(("broken", "trunc")) for name in names]
     assert {r["error"]["code"] for r in results if not r["ok"]} == {"corrupt_image"}
     assert not service.batcher.broken and service.batcher._failed_in_a_row == 0
 
@@ -201,7 +204,7 @@ def test_out_of_memory_splits_the_batch_and_loses_no_image(
 def test_cuda_gpu_mode_matches_exact_and_isolates_a_corrupt_jpeg(loaded_model, photos, variants) -> None:
     cuda = torch.device("cuda")
     mode = make_mode("gpu", loaded_model.preprocessing, cuda, torch.float32)
-    names = ["upright.jpg", "truncated.jpg", "upright.png", "cmyk.jpg", "exif-rotated.jpg"]
+    names = ["upright.jpg", "broken.jpg", "upright.png", "cmyk.jpg", "exif-rotated.jpg"]
     blobs = [variants[name].read_bytes() for name in names] + list(photos.values())
     payloads = [
         mode.stage(decode.open_image(b, max_pixels=10**9), b, lambda n: nullcontext()).payload

@@ -209,3 +209,8 @@ def test_too_few_images_is_a_usage_error(capsys, realscore_env, tmp_path):
     )
     assert code == 2
     assert "at least 3" in capsys.readouterr().err
+
+
+def test_tower_key_ignores_how_the_worker_ran_the_tower():
+    assert tower_key("openai/clip+head:0123abcd+fp16+decode:gpu") == "openai/clip"
+    assert tower_key("d+head:01+tower:ff00+bf16+decode:exact") == "d+tower:ff00"

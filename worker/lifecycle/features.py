@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 _WIRE_DTYPE = np.dtype("<f2")
-_HEAD_PART = re.compile(r"\+head:[0-9a-f]+")
+# The head, and how the worker ran the tower (dtype, preprocessing mode): a head trains on any.
+_HEAD_PART = re.compile(r"\+head:[0-9a-f]+|\+(?:fp32|fp16|bf16)\b|\+decode:[a-z]+")
 
 
 def encode_features(features: np.ndarray) -> str:
@@ -38,7 +39,8 @@ def decode_features(text: str, dim: int) -> np.ndarray:
 
 
 def tower_key(model: str) -> str:
-    """``tower+head:abc[+tower:def]`` -> ``tower[+tower:def]``: what the features depend on."""
+    """``tower+head:abc[+tower:def][+fp16+decode:gpu]`` -> ``tower[+tower:def]``: what the
+    features depend on."""
     return _HEAD_PART.sub("", model)
 
 

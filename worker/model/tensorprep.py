@@ -62,7 +62,12 @@ class TensorPreprocessing:
                     stacked, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
                 )
                 stacked = stacked.round_().clamp_(0.0, 255.0)
-            out[indices] = self._center_crop(stacked)
+            cropped = self._center_crop(stacked)
+            if indices == list(range(indices[0], indices[0] + len(indices))):
+                out[indices[0] : indices[0] + len(indices)] = cropped
+            else:  # integer indexing: a list index would be a blocking host->device copy
+                for row, index in enumerate(indices):
+                    out[index] = cropped[row]
         return out
 
     def __call__(self, frames: list[torch.Tensor]) -> torch.Tensor:
