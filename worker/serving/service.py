@@ -145,6 +145,7 @@ class ScoringService:
             pool.shutdown(wait=True)
         self.batcher.stop()
 
+    @torch.inference_mode()
     def _stage(self, items: list[_Item]) -> _InFlight:
         """Forward step, first half: the mode's device work, then the model, queued on the device."""
         collated: Collated = self.mode.collate([item.payload for item in items])
