@@ -107,8 +107,9 @@ def test_every_local_error_code_in_one_task_with_the_good_images_scored(worker, 
     assert by_uri[str(folder / "alias.png")]["score"] == pytest.approx(
         by_uri[str(folder / "good1.png")]["score"], abs=1e-6
     )
-    # source_unavailable is about S3's configuration (tests/test_security.py covers it).
-    not_local = {"access_denied", "fetch_timeout", "internal", "source_unavailable"}
+    # source_unavailable is about S3's configuration (tests/test_security.py covers it);
+    # out_of_memory has its own tests (test_decode_memory.py, test_modes.py).
+    not_local = {"access_denied", "fetch_timeout", "internal", "source_unavailable", "out_of_memory"}
     expected_codes = {code.value for code in ErrorCode} - not_local
     assert {code for _, code in cases if code} == expected_codes
 
