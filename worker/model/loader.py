@@ -85,8 +85,8 @@ class LoadedModel:
         scores = self.model.head(features)
         if self.device.type != "cuda":
             return Launched(count, scores, features.float() if with_features else None, None)
-        scores_host = scores.to("cpu", non_blocking=True)
-        features_host = features.float().to("cpu", non_blocking=True) if with_features else None
+        scores_host = _to_pinned_host(scores)
+        features_host = _to_pinned_host(features.float()) if with_features else None
         ready = torch.cuda.Event()
         ready.record()
         return Launched(count, scores_host, features_host, ready)
@@ -120,6 +120,12 @@ class LoadedModel:
         """The ``model`` string results carry: weights, dtype and preprocessing mode, since each
         changes the score (fp32 CPU and fp16 GPU results must not pass for one another)."""
         return f"{self.model_id}+{_DTYPE_NAMES[self.dtype]}+decode:{decode_mode}"
+
+
+def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
+    """An asynchronous device->host copy into page-locked memory (valid once the event fires)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def resolve_device(name: str) -> torch.device:
