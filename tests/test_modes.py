@@ -216,3 +216,25 @@ def test_cuda_gpu_mode_matches_exact_and_isolates_a_corrupt_jpeg(loaded_model, p
     exact = torch.stack([pixels("exact", loaded_model, b) for i, b in enumerate(blobs) if i != 1])
     difference = (collated.pixels.cpu() - exact).abs()
     assert float(difference.mean()) <= MEAN_TOLERANCE and float(difference.max()) <= MAX_TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["exact", "gpu"])
+def test_a_pipelined_service_scores_as_an_unpipelined_one(loaded_model, variants, mode: str) -> None:
+    """Depth 2 (what a CUDA worker runs): batch N+1 is staged before batch N is finished."""
+    names = ["upright.jpg", "broken.jpg", "upright.png", "exif-rotated.jpg", "rgba.png"] * 3
+    uris = [str(variants[name]) for name in names]
+    scores = {}
+    for depth in (1, 2):
+        settings = load_settings(decode=mode, max_batch_size=2, max_wait_ms=1, concurrency=6)
+        service = ScoringService(loaded_model, settings, local_roots=None)
+        service.batcher.pipeline_depth = depth
+        service.start()
+        try:
+            results = service.score_uris(uris)
+        finally:
+            service.stop()
+        assert [r["ok"] for r in results] == [name != "broken.jpg" for name in names]
+        scores[depth] = [r["score"] for r in results]
+        assert service.budget.in_use == 0
+    for pipelined, plain in zip(scores[2], scores[1]):
+        assert (pipelined is None and plain is None) or pipelined == pytest.approx(plain, abs=1e-6)

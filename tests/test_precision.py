@@ -89,3 +89,32 @@ def test_a_compiled_tower_pads_to_its_fixed_sizes_and_scores_as_eager(
     assert loaded.score(pixels[:3]) == pytest.approx(eager, abs=1e-5)
     assert calls == [4]  # three images ran in the warmed-up batch of four
     assert compile_sizes(32) == [4, 8, 16, 32] and compile_sizes(1) == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode_name", ["exact", "tensor"])
+def test_staging_a_batch_never_waits_for_the_device(
+    tiny_clip_dir: Path, seed_checkpoint: Path, photos, mode_name: str
+) -> None:
+    """The forward step's first half (upload, resize, forward, copies back) queues work and
+    returns: CUDA's sync debug mode turns any host synchronisation in it into an error."""
+    from contextlib import nullcontext
+
+    from worker.model import decode as decoding
+    from worker.model.modes import make_mode
+
+    loaded = load_model(str(tiny_clip_dir), seed_checkpoint, device="cuda", dtype="float16")
+    mode = make_mode(mode_name, loaded.preprocessing, loaded.device, loaded.dtype)
+    payloads = []
+    for path in photos:
+        data = path.read_bytes()
+        image = decoding.open_image(data, max_pixels=10**9)
+        payloads.append(mode.stage(image, data, lambda n: nullcontext()).payload)
+    loaded.collect(loaded.launch(mode.collate(payloads).pixels))  # warm-up: allocators, kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = loaded.launch(mode.collate(payloads).pixels, with_features=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    scores, features = loaded.collect(launched)
+    assert len(scores) == len(photos) and features is not None and features.shape[0] == len(photos)
