@@ -27,28 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: E402
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
+from bench.common import TOWERS, build  # noqa: E402
 from shared.settings import load_settings  # noqa: E402
-from tests.tiny_clip import TINY_CONFIG, make_seed_checkpoint, noise_image  # noqa: E402
+from tests.tiny_clip import noise_image  # noqa: E402
 from worker.model.decode import decode  # noqa: E402
 from worker.model.loader import load_model  # noqa: E402
 from worker.serving.service import ScoringService  # noqa: E402
-
-TOWERS = {
-    "tiny": TINY_CONFIG,
-    "base32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, image_size=224, patch_size=32),
-    "large14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                    num_attention_heads=16, image_size=224, patch_size=14),
-}
-
-
-def build(directory: Path, tower: str) -> tuple[Path, Path]:
-    CLIPVisionModel(CLIPVisionConfig(**TOWERS[tower])).save_pretrained(directory / "clip")
-    CLIPImageProcessorPil().save_pretrained(directory / "clip")
-    return directory / "clip", make_seed_checkpoint(directory / "head.pth", directory / "clip")
 
 
 def make_images(directory: Path, count: int, size: tuple[int, int]) -> list[str]:

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from bench.bench_service import TOWERS, build  # noqa: E402
+from bench.common import TOWERS, build  # noqa: E402
 from tests.images import photo_like  # noqa: E402
 from worker.model import decode  # noqa: E402
 from worker.model.loader import load_model  # noqa: E402
