@@ -1,7 +1,9 @@
 """The ``realscore`` command line: one entry point, a subcommand per job.
 
 Commands that need the model import ``worker`` lazily, so ``realscore submit`` and
-``realscore backfill`` work on a machine installed without the ``worker`` extra.
+``realscore backfill`` work on a machine installed without the ``worker`` extra. Settings, argument
+types and each command's files are checked first (:mod:`shared.preflight`), before a command's
+module and torch are imported: every usage error is answered at once.
 Exit codes: 0 done (even when some images are error results), 1 runtime failure, 2 usage or
 configuration error.
 """
@@ -13,10 +15,13 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from shared import preflight
 from shared.lifecycle_cli import add_commands
-from shared.settings import SettingsError
+from shared.settings import SettingsError, get_settings
+from shared.usage import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
+
 # Top-level modules of the optional extras, and the extra that brings each.
 _EXTRA_OF = {
     "torch": "worker", "transformers": "worker", "PIL": "worker", "safetensors": "worker",
@@ -24,8 +29,13 @@ _EXTRA_OF = {
 }
 
 
-class UsageError(Exception):
-    """Bad arguments or configuration: printed as one line, exit code 2."""
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("realscore")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
@@ -51,25 +61,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="realscore", description="Real photo or AI-generated? Score images with realscore."
     )
+    parser.add_argument("--version", action="version", version=f"realscore {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     score = commands.add_parser("score", help="score images in-process (no broker), JSON lines out")
-    score.add_argument("uris", nargs="+", metavar="URI", help="path, file:// or s3:// URI")
-    score.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
-    score.set_defaults(handler=_delegate("worker.serving.embedded"))
+    score.add_argument(
+        "uris", nargs="+", metavar="URI", help="path (relative to here), file:// or s3:// URI"
+    )
+    score.add_argument(
+        "--batch-size", type=preflight.positive_int, default=None, help="images per forward pass"
+    )
+    score.set_defaults(handler=_delegate("worker.serving.embedded"), preflight=preflight.local_model)
 
     worker = commands.add_parser(
-        "worker", help="run a Celery worker (extra arguments go to celery)", add_help=True
+        "worker",
+        help="run a Celery worker (extra arguments go to celery)",
+        description="Load the model, then run Celery's worker on it. Arguments other than the "
+        "ones below go to `celery worker` (listed after them).",
+        add_help=False,  # our own --help also prints Celery's worker options
     )
+    worker.add_argument("-h", "--help", action="store_true", help="show this help and Celery's")
     worker.add_argument(
         "--gpus", default=None, help="one worker process per GPU: '0,1' or 'all'"
     )
-    worker.set_defaults(handler=_delegate("worker.serving.run_worker"), passthrough=True)
+    worker.set_defaults(
+        handler=_delegate("worker.serving.run_worker"), passthrough=True, own_help=worker.format_help
+    )
 
     submit = commands.add_parser("submit", help="score through the queue, JSON lines out")
-    submit.add_argument("uris", nargs="+", metavar="URI")
-    submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait in all")
+    submit.add_argument(
+        "uris", nargs="+", metavar="URI",
+        help="path (relative to here; the workers must be able to read it), file:// or s3:// URI",
+    )
+    submit.add_argument(
+        "--timeout", type=preflight.positive_float, default=60.0, help="seconds to wait in all"
+    )
     submit.set_defaults(handler=_delegate("shared.submit_command"))
+
+    demo = commands.add_parser(
+        "demo-model",
+        help="write a tiny random-weight tower and head to try realscore (meaningless scores)",
+    )
+    demo.add_argument("--out", required=True, metavar="DIR", help="folder to write them to")
+    demo.set_defaults(handler=_delegate("worker.lifecycle.demo_model"))
     add_commands(commands, _delegate)  # convert, evaluate, train
     return parser
 
@@ -81,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     try:
+        settings = get_settings()
+        check = getattr(args, "preflight", None)
+        if check is not None:
+            check(args, settings)
         return args.handler(args)
     except (UsageError, SettingsError) as error:
         print(f"realscore {args.command}: {error}", file=sys.stderr)

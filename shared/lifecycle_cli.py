@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from shared import preflight
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -20,11 +22,13 @@ def _folders(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=preflight.positive_float,
         default=600.0,
         help="with --via-queue: seconds to wait for the workers' results",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    parser.add_argument(
+        "--batch-size", type=preflight.positive_int, default=None, help="images per forward pass"
+    )
 
 
 def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str], Handler]) -> None:
@@ -39,7 +43,7 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     convert.add_argument(
         "--fp16", action="store_true", help="store a fine-tuned tower in float16 (half the size)"
     )
-    convert.set_defaults(handler=delegate("worker.lifecycle.convert"))
+    convert.set_defaults(handler=delegate("worker.lifecycle.convert"), preflight=preflight.convert)
 
     evaluate = commands.add_parser(
         "evaluate", help="the seed's metrics table on two labelled folders, plots, robustness"
@@ -47,7 +51,7 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     _folders(evaluate)
     evaluate.add_argument(
         "--threshold",
-        type=float,
+        type=preflight.score_range,
         default=None,
         help="decision threshold (default: REALSCORE_THRESHOLD, else the head's metadata, else 0)",
     )
@@ -67,13 +71,15 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
         metavar="DIR",
         help="where degraded copies are written for --via-queue (a folder the workers can read)",
     )
-    evaluate.set_defaults(handler=delegate("worker.lifecycle.evaluate_command"))
+    evaluate.set_defaults(
+        handler=delegate("worker.lifecycle.evaluate_command"), preflight=preflight.evaluate
+    )
 
     train = commands.add_parser("train", help="train a head on cached CLIP features")
     _folders(train)
     train.add_argument("--out", required=True, help="the .safetensors head to write")
     train.add_argument("--seed", type=int, default=0, help="same seed and data -> identical head")
-    train.add_argument("--epochs", type=int, default=300, help="most passes over the training set")
+    train.add_argument("--epochs", type=preflight.positive_int, default=300, help="most passes over the training set")
     train.add_argument(
         "--patience", type=int, default=20, help="epochs without improvement to stop"
     )
@@ -98,4 +104,4 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     train.add_argument(
         "--cache-dir", default=None, help="feature cache (default: ~/.cache/realscore/features)"
     )
-    train.set_defaults(handler=delegate("worker.lifecycle.train"))
+    train.set_defaults(handler=delegate("worker.lifecycle.train"), preflight=preflight.train)

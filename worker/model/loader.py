@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionModel
 
+from shared.model_files import is_hub_id
 from worker.model.headfile import tower_fingerprint
 from worker.model.model import RealScoreModel
 from worker.model.preprocess import Preprocessing
@@ -27,8 +26,6 @@ from worker.model.weights import Checkpoint, WeightsError, read_checkpoint, tens
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# "name" or "namespace/name", as the hub spells repository ids.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ModelLoadError(RuntimeError):
@@ -195,18 +192,6 @@ def tower_differs(tower: CLIPVisionModel, state: dict[str, torch.Tensor]) -> boo
         if not torch.equal(current[key], tensor.to(current[key].dtype)):
             return True
     return False
-
-
-def is_hub_id(name: str, *, here: bool = False) -> bool:
-    """Whether ``name`` names a hub repository rather than a local directory.
-
-    ``here``: ``name`` is loaded by this process, so an existing directory of that name (which
-    transformers would load instead of the hub) makes it local. A name recorded in a head on
-    another machine is judged by its spelling alone: heads record local towers as absolute paths.
-    """
-    if not _HUB_ID.fullmatch(name) or ".." in name:
-        return False
-    return not (here and os.path.isdir(name))
 
 
 def _config_differences(recorded: object, tower: CLIPVisionModel) -> tuple[str, str]:

@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from shared.cli import EXIT_OK, UsageError
+from shared.local_paths import absolute_uri
+from shared.model_files import head_weights_path
 from shared.settings import Settings, get_settings
+from shared.usage import EXIT_OK, UsageError
 from worker.model.loader import ModelLoadError, load_model
 from worker.model.modes import DecodeModeError
 from worker.serving.memory import limit_malloc_arenas
 from worker.serving.service import ScoringService
-
-
-def _readable(uri: str) -> str:
-    """Relative paths become absolute; URIs and absolute paths pass through."""
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return os.path.abspath(uri)
 
 
 def start_service(settings: Settings, batch_size: int | None = None) -> ScoringService:
@@ -34,7 +28,7 @@ def start_service(settings: Settings, batch_size: int | None = None) -> ScoringS
     limit_malloc_arenas()
     try:
         loaded = load_model(
-            settings.model, settings.head_weights, device=settings.device, dtype=settings.dtype
+            settings.model, head_weights_path(settings), device=settings.device, dtype=settings.dtype
         )
     except ModelLoadError as error:
         raise UsageError(str(error)) from None
@@ -47,7 +41,7 @@ def start_service(settings: Settings, batch_size: int | None = None) -> ScoringS
 def run(args: argparse.Namespace) -> int:
     service = start_service(get_settings(), args.batch_size)
     try:
-        results = service.score_uris([_readable(uri) for uri in args.uris])
+        results = service.score_uris([absolute_uri(uri) for uri in args.uris])
     finally:
         service.stop()
     for given, result in zip(args.uris, results):

@@ -3,6 +3,8 @@
 The model is loaded here, before Celery's main loop even connects, so a worker that cannot load
 it exits non-zero with the reason and never takes a task (an exception in a signal handler such
 as ``worker_process_init`` would only be logged, and that signal never fires for the thread pool).
+Celery's arguments and the model's files are checked before that, without torch, so a mistake
+there is answered at once rather than after a minutes-long model load.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sys
 import threading
 
 from shared.celery_app import app
-from shared.cli import EXIT_FAILURE, EXIT_USAGE, UsageError
+from shared.model_files import ModelFilesError, check_tower, head_weights_path
+from shared.usage import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from shared.settings import Settings, get_settings
 from shared.task_names import BULK_QUEUE, INTERACTIVE_QUEUE
 
@@ -37,10 +40,56 @@ def celery_argv(settings: Settings, extra: list[str]) -> list[str]:
     ]
 
 
+def _celery_worker_context(argv: list[str] | None):
+    """Celery's ``worker`` command and a click context for it on our app; ``argv`` (without the
+    ``worker`` word) is parsed as Celery would parse it, running nothing, when given."""
+    import click
+    from celery.bin.base import CLIContext
+    from celery.bin.celery import celery as celery_command
+    from celery.bin.worker import worker as worker_command
+
+    parent = click.Context(
+        celery_command, info_name="realscore", obj=CLIContext(app=app, no_color=True, workdir=None)
+    )
+    if argv is None:
+        return worker_command, click.Context(worker_command, info_name="worker", parent=parent)
+    return worker_command, worker_command.make_context("worker", argv, parent=parent)
+
+
+def celery_help() -> str:
+    """Celery's own ``worker`` options, as ``realscore worker --help`` shows them."""
+    command, context = _celery_worker_context(None)
+    return command.get_help(context)
+
+
+def check_celery_argv(argv: list[str]) -> None:
+    """Raise click's usage error for arguments ``celery worker`` would refuse."""
+    _celery_worker_context(argv[1:])  # argv[0] is the "worker" sub-command itself
+
+
 def run(args: argparse.Namespace) -> int:
+    import click
+
     settings = get_settings()
-    if args.gpus:
-        return supervise(_gpu_ids(args.gpus), args.extra, settings)
+    if getattr(args, "help", False):
+        print(args.own_help())
+        print("Celery's worker options (passed through):\n")
+        print(celery_help())
+        return EXIT_OK
+    try:
+        check_celery_argv(celery_argv(settings, args.extra))
+    except click.ClickException as error:
+        error.show()
+        return EXIT_USAGE
+    gpu_ids = _gpu_ids(args.gpus) if args.gpus else None
+    try:
+        head_weights_path(settings)
+        check_tower(settings.model)
+    except ModelFilesError as error:
+        print(f"realscore worker: cannot load the model: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    if gpu_ids is not None:
+        return supervise(gpu_ids, args.extra, settings)
     return serve(settings, args.extra)
 
 
@@ -61,9 +110,9 @@ def serve(settings: Settings, extra: list[str]) -> int:
     limit_malloc_arenas()
     try:
         loaded = load_model(
-            settings.model, settings.head_weights, device=settings.device, dtype=settings.dtype
+            settings.model, head_weights_path(settings), device=settings.device, dtype=settings.dtype
         )
-    except ModelLoadError as error:
+    except (ModelLoadError, ModelFilesError) as error:
         print(f"realscore worker: cannot load the model: {error}", file=sys.stderr)
         return EXIT_FAILURE
     log.info("model %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)

@@ -1,0 +1,93 @@
+"""Checks a command's arguments and files before its module (and torch) is imported.
+
+Every usage error is answered at once: argparse types refuse bad numbers while parsing, and each
+command's pre-flight check refuses missing files and folders before the model loads. The command
+modules keep their own checks for callers that do not come through the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+from shared.model_files import check_tower, head_weights_path
+from shared.settings import Settings
+from shared.usage import UsageError
+
+Preflight = Callable[[argparse.Namespace, Settings], None]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def score_range(text: str) -> float:
+    """argparse type: a threshold in the score's range [-1, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [-1, 1] (the score's range), got {text}")
+    return value
+
+
+def _folders(args: argparse.Namespace) -> None:
+    for option, folder in (("--real", args.real), ("--ai", args.ai)):
+        if not os.path.isdir(folder):
+            raise UsageError(f"{option} {folder}: not a directory")
+
+
+def local_model(args: argparse.Namespace, settings: Settings) -> None:
+    """``score``: the configured tower and head weights exist."""
+    check_tower(settings.model)
+    head_weights_path(settings)
+
+
+def evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    _folders(args)
+    if args.perturb and args.via_queue and not args.work_dir:
+        raise UsageError(
+            "--perturb with --via-queue needs --work-dir: a folder the workers can read "
+            "(inside their REALSCORE_LOCAL_ROOTS) for the degraded copies"
+        )
+    if not args.via_queue:
+        local_model(args, settings)
+
+
+def train(args: argparse.Namespace, settings: Settings) -> None:
+    _folders(args)
+    if args.model:
+        check_tower(args.model, "--model")
+    else:
+        check_tower(settings.model)
+
+
+def convert(args: argparse.Namespace, settings: Settings) -> None:
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"{args.checkpoint}: no such file")
+    if not args.out.endswith(".safetensors"):
+        raise UsageError(f"--out must end in .safetensors (the loader picks the format by it): {args.out}")
+    if args.model:
+        check_tower(args.model, "--model")
+    else:
+        check_tower(settings.model)

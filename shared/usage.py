@@ -1,0 +1,13 @@
+"""Exit codes of the ``realscore`` command and the exception for a usage or configuration error.
+
+Kept apart from :mod:`shared.cli` so the torch-free pre-flight checks and the command modules can
+raise :class:`UsageError` without importing the command line itself.
+"""
+
+from __future__ import annotations
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration: printed as one line, exit code 2."""

@@ -1,0 +1,142 @@
+"""Usage and configuration mistakes are answered before torch is imported or a model loads.
+
+Each case runs ``realscore`` in a subprocess whose driver reports whether ``torch`` was imported by
+the time the command returned: that, not a timer, is what makes the answer immediate.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_DRIVER = (
+    "import sys\n"
+    "from shared.cli import main\n"
+    "try:\n"
+    "    code = main(sys.argv[1:])\n"
+    "except SystemExit as stop:  # argparse's own usage errors\n"
+    "    code = stop.code\n"
+    "print('torch imported' if 'torch' in sys.modules else 'torch not imported', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def _realscore(args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REALSCORE_")}
+    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", _DRIVER, *args],
+        env={**clean, "HF_HUB_OFFLINE": "1", **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture()
+def model_env(tiny_clip_dir: Path, seed_checkpoint: Path) -> dict[str, str]:
+    return {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint)}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["score", "x.png"], {"REALSCORE_MAX_BATCH_SIZE": "abc"}, "REALSCORE_MAX_BATCH_SIZE"),
+        (["score", "--batch-size", "0", "x.png"], {}, "--batch-size"),
+        (["submit", "--timeout", "-1", "x.png"], {}, "--timeout"),
+        (["worker", "--bogus-flag"], {}, "No such option '--bogus-flag'"),
+        (["worker", "--concurrency", "many"], {}, "--concurrency"),
+        (["evaluate", "--real", "/no/such/real", "--ai", "/no/such/ai"], {}, "--real /no/such/real"),
+        (["evaluate", "--real", ".", "--ai", ".", "--threshold", "2"], {}, "--threshold"),
+        (["train", "--real", ".", "--ai", ".", "--out", "h.safetensors", "--epochs", "0"], {}, "--epochs"),
+        (["convert", "/no/such.pth", "--out", "h.safetensors"], {}, "/no/such.pth: no such file"),
+    ],
+)
+def test_usage_errors_exit_2_before_torch(
+    args: list[str], env: dict[str, str], says: str, model_env: dict[str, str]
+) -> None:
+    done = _realscore(args, {**model_env, **env})
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr
+    assert "torch not imported" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_local_tower_is_reported_before_torch(seed_checkpoint: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-tower"
+    env = {"REALSCORE_MODEL": str(missing), "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint)}
+    done = _realscore(["score", "x.png"], env)
+    assert done.returncode == 2, done.stderr
+    assert f"REALSCORE_MODEL={missing}: no such directory" in done.stderr
+    assert "torch not imported" in done.stderr
+
+
+def test_an_uncached_hub_tower_offline_is_reported_before_torch(seed_checkpoint: Path, tmp_path: Path) -> None:
+    env = {
+        "REALSCORE_MODEL": "realscore-tests/never-published",
+        "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint),
+        "HF_HOME": str(tmp_path / "hf"),
+    }
+    done = _realscore(["score", "x.png"], env)
+    assert done.returncode == 2, done.stderr
+    assert "not in the local hub cache" in done.stderr
+    assert "torch not imported" in done.stderr
+
+
+def test_missing_default_weights_list_the_paths_tried(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    done = _realscore(["score", "x.png"], {"REALSCORE_MODEL": str(tiny_clip_dir)}, cwd=tmp_path)
+    if (REPO / "weights" / "modelo_final.pth").is_file():
+        pytest.skip("this checkout has the seed's weights, so the default is found")
+    assert done.returncode == 2, done.stderr
+    assert str(tmp_path / "weights" / "modelo_final.pth") in done.stderr
+    assert str(REPO / "weights" / "modelo_final.pth") in done.stderr
+    assert "torch not imported" in done.stderr
+
+
+def test_a_worker_without_weights_says_so_before_torch(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "modelo_final.pth"
+    env = {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_HEAD_WEIGHTS": str(missing)}
+    done = _realscore(["worker"], env)
+    assert done.returncode == 1, done.stderr  # as any model that cannot load: see README
+    assert "cannot load the model" in done.stderr and str(missing) in done.stderr
+    assert "torch not imported" in done.stderr
+
+
+def test_worker_help_lists_celery_options_too() -> None:
+    done = _realscore(["worker", "--help"], {})
+    assert done.returncode == 0, done.stderr
+    assert "--gpus" in done.stdout and "--concurrency" in done.stdout and "--hostname" in done.stdout
+    assert "torch not imported" in done.stderr
+
+
+def test_version() -> None:
+    done = _realscore(["--version"], {})
+    assert done.returncode == 0
+    assert done.stdout.startswith("realscore ")
+
+
+def test_default_weights_are_found_in_the_checkout_from_another_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from shared import model_files
+    from shared.settings import load_settings
+
+    checkout = tmp_path / "checkout"
+    (checkout / "weights").mkdir(parents=True)
+    (checkout / "weights" / "modelo_final.pth").write_bytes(b"weights")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(model_files, "_CHECKOUT", checkout)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("REALSCORE_HEAD_WEIGHTS", raising=False)
+    assert model_files.head_weights_path(load_settings()) == checkout / "weights" / "modelo_final.pth"
+    # A path the user set is theirs: relative to the working directory, nowhere else.
+    monkeypatch.setenv("REALSCORE_HEAD_WEIGHTS", "weights/modelo_final.pth")
+    with pytest.raises(model_files.ModelFilesError, match=str(elsewhere / "weights")):
+        model_files.head_weights_path(load_settings())
