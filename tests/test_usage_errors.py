@@ -55,7 +55,7 @@ def model_env(tiny_clip_dir: Path, seed_checkpoint: Path) -> dict[str, str]:
         (["evaluate", "--real", "/no/such/real", "--ai", "/no/such/ai"], {}, "--real /no/such/real"),
         (["evaluate", "--real", ".", "--ai", ".", "--threshold", "2"], {}, "--threshold"),
         (["train", "--real", ".", "--ai", ".", "--out", "h.safetensors", "--epochs", "0"], {}, "--epochs"),
-        (["convert", "/no/such.pth", "--out", "h.safetensors"], {}, "/no/such.pth: no such file"),
+        (["convert", "/no/such.pth", "--out", "h.safetensors"], {}, "checkpoint not found: /no/such.pth"),
     ],
 )
 def test_usage_errors_exit_2_before_torch(
