@@ -1,6 +1,6 @@
 """The configured Celery app, shared by clients and workers. No tasks are imported here.
 
-Choices (DESIGN.md says why): JSON only; late acks with a prefetch of one message per thread; a
+Choices (docs/architecture.md says why): JSON only; late acks with a prefetch of one message per thread; a
 deliberate Redis ``visibility_timeout`` (kombu's default is an hour, counted from delivery); the
 interactive queue consumed before the bulk one (``queue_order_strategy: priority``, never numeric
 message priorities, which mean opposite things on Redis and RabbitMQ); events on for Flower.
@@ -8,11 +8,20 @@ message priorities, which mean opposite things on Redis and RabbitMQ); events on
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 from kombu import Exchange, Queue
 
 from shared.settings import Settings, get_settings
 from shared.task_names import BULK_QUEUE, EMBED, INTERACTIVE_QUEUE, SCORE, SCORE_MANY
+
+
+# Reconnecting to the result backend: about a second in all, so a client's call fails within its
+# timeout when Redis is down (Celery's default is 20 retries a second apart). A worker, which has
+# nobody waiting, retries storing a result far longer: see configure_worker.
+CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
+WORKER_RESULT_RETRIES = 40
 
 
 def configure(app: Celery, settings: Settings) -> Celery:
@@ -30,7 +39,10 @@ def configure(app: Celery, settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout,
             "queue_order_strategy": "priority",
         },
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "retry_policy": CLIENT_RETRY_POLICY,
+        },
         broker_connection_retry_on_startup=True,
         task_default_queue=INTERACTIVE_QUEUE,
         task_queues=tuple(
@@ -53,6 +65,31 @@ def configure(app: Celery, settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         timezone="UTC",
     )
+    return app
+
+
+class CompactTaskSuccess(logging.Filter):
+    """Celery logs every task's whole return value at INFO ("Task ... succeeded in 0.2s: [...]"):
+    kilobytes of result dicts per task. Keep the line, drop the value (it is in the backend)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, dict) and "return_value" in record.args:
+            record.msg = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+        return True
+
+
+def configure_worker(app: Celery) -> Celery:
+    """What only a worker process adds: storing a result outlives a Redis outage of a few minutes
+    (exponential backoff, capped at 10 s), since nobody waits on the worker's side; compact task
+    lines in its log."""
+    app.conf.update(
+        result_backend_always_retry=True,
+        result_backend_max_retries=WORKER_RESULT_RETRIES,
+        result_backend_max_sleep_between_retries_ms=10_000,
+    )
+    trace_log = logging.getLogger("celery.app.trace")
+    if not any(isinstance(existing, CompactTaskSuccess) for existing in trace_log.filters):
+        trace_log.addFilter(CompactTaskSuccess())
     return app
 
 

@@ -3,6 +3,14 @@
 Safe to call from many threads at once. Interactive tasks carry ``expires`` equal to the caller's
 timeout, so work nobody waits for any more is dropped by the worker instead of scored.
 
+URIs are absolute paths (as the workers see them), ``file://`` or ``s3://`` URIs: a worker has
+no working directory of the caller's to resolve a relative path against (``realscore submit``
+resolves them against its own before calling this module).
+
+Every error this module raises on purpose is a :class:`RealscoreError`: :class:`ScoreTimeout`,
+:class:`BrokerUnavailable` (Redis unreachable; the process recovers on its own once it is back)
+and :class:`TaskFailed`.
+
     from shared import client
     result = client.score("s3://media/uploads/abc.jpg", timeout=10)
 """
@@ -13,17 +21,64 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import redis.exceptions
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
 from shared.celery_app import app
 from shared.results import Result
 from shared.task_names import BULK_QUEUE, EMBED, INTERACTIVE_QUEUE, MAX_URIS_PER_TASK, SCORE, SCORE_MANY
 
 
-class ScoreTimeout(TimeoutError):
+class RealscoreError(Exception):
+    """Base of the errors this client raises on purpose."""
+
+
+class ScoreTimeout(RealscoreError, TimeoutError):
     """No result within the caller's timeout (the task expires and is dropped, not scored later)."""
+
+
+class BrokerUnavailable(RealscoreError, ConnectionError):
+    """The broker or the result backend (Redis) cannot be reached.
+
+    Raised within the caller's timeout (about a second when Redis refuses connections). Nothing
+    needs restarting: the next call connects again. A task that was sent before the outage may
+    still be scored; its result is lost to this caller.
+    """
+
+
+class TaskFailed(RealscoreError, RuntimeError):
+    """:func:`result` of a task that failed or was revoked (e.g. it expired in the queue)."""
+
+
+# What kombu, redis-py and Celery raise when Redis cannot be reached. Celery's result consumer
+# wraps the last one in a RuntimeError ("must be restarted") when its reconnect retries run out.
+_UNREACHABLE = (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
+
+
+def _unreachable(error: BaseException) -> bool:
+    return isinstance(error, _UNREACHABLE) or (
+        isinstance(error, RuntimeError) and isinstance(error.__cause__, _UNREACHABLE)
+    )
+
+
+def _broker_unavailable(error: BaseException) -> BrokerUnavailable:
+    cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ else error
+    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return BrokerUnavailable(f"Redis (broker or result backend) is unreachable: {detail}")
+
+
+def _release(handles: Sequence[AsyncResult]) -> None:
+    """Stop listening for results nobody will collect, now rather than in ``AsyncResult.__del__``
+    (which may run at interpreter exit, when Redis cannot be reached any more)."""
+    for handle in handles:
+        try:
+            handle.backend.remove_pending_result(handle)
+        except Exception as error:  # noqa: BLE001 - best effort; only connection errors expected
+            if not _unreachable(error):
+                raise
 
 
 def chunks(items: Sequence[Any], size: int = MAX_URIS_PER_TASK) -> Iterator[list[Any]]:
@@ -31,35 +86,66 @@ def chunks(items: Sequence[Any], size: int = MAX_URIS_PER_TASK) -> Iterator[list
         yield list(items[start : start + size])
 
 
+def _send(name: str, args: list[Any], queue: str, expires: float | None) -> AsyncResult:
+    try:
+        return app.send_task(name, args=args, queue=queue, expires=expires)
+    except Exception as error:
+        if _unreachable(error):
+            raise _broker_unavailable(error) from None
+        raise
+
+
 def submit(uri: str, *, timeout: float | None = None, queue: str = INTERACTIVE_QUEUE) -> AsyncResult:
-    """Enqueue one image; returns at once. ``timeout`` (seconds) becomes the task's expiry."""
-    return app.send_task(SCORE, args=[uri], queue=queue, expires=timeout)
+    """Enqueue one image; returns at once. ``timeout`` (seconds) becomes the task's expiry.
+
+    Raises :class:`BrokerUnavailable` when Redis cannot be reached."""
+    return _send(SCORE, [uri], queue, timeout)
 
 
 def submit_many(
     uris: Sequence[str], *, timeout: float | None = None, queue: str = INTERACTIVE_QUEUE
 ) -> list[AsyncResult]:
     """Enqueue ``uris`` as ``realscore.score_many`` tasks of at most 256 each."""
-    return [
-        app.send_task(SCORE_MANY, args=[chunk], queue=queue, expires=timeout)
-        for chunk in chunks(list(uris))
-    ]
+    handles: list[AsyncResult] = []
+    try:
+        for chunk in chunks(list(uris)):
+            handles.append(_send(SCORE_MANY, [chunk], queue, timeout))
+    except BrokerUnavailable:
+        _release(handles)
+        raise
+    return handles
 
 
 def _wait(handle: AsyncResult, timeout: float) -> Any:
+    """``timeout``: what is left of the caller's deadline."""
     try:
         value = handle.get(timeout=timeout)
     except CeleryTimeout:
-        raise ScoreTimeout(f"no result for task {handle.id} within {timeout} s") from None
+        raise ScoreTimeout(f"no result for task {handle.id} in time ({timeout:.3g} s left)") from None
     except TaskRevokedError:  # its expiry (our timeout) passed before a worker took it
         raise ScoreTimeout(f"task {handle.id} expired before a worker took it") from None
-    handle.forget()  # the caller has it now; do not keep it in Redis until RESULT_EXPIRES
+    except Exception as error:
+        if _unreachable(error):
+            raise _broker_unavailable(error) from None
+        raise
+    try:
+        handle.forget()  # the caller has it now; do not keep it in Redis until RESULT_EXPIRES
+    except Exception as error:
+        if not _unreachable(error):
+            raise  # Redis went away just now: the result expires on its own
     return value
 
 
 def score(uri: str, timeout: float = 30.0) -> Result:
-    """Score one image through the workers and wait for its result dict."""
-    return _wait(submit(uri, timeout=timeout), timeout)
+    """Score one image through the workers and wait for its result dict.
+
+    Raises :class:`ScoreTimeout` or :class:`BrokerUnavailable`, both within ``timeout``."""
+    handle = submit(uri, timeout=timeout)
+    try:
+        return _wait(handle, timeout)
+    except RealscoreError:
+        _release([handle])
+        raise
 
 
 def score_many(uris: Sequence[str], timeout: float = 120.0, *, bulk: bool = False) -> list[Result]:
@@ -78,27 +164,42 @@ def embed_many(uris: Sequence[str], timeout: float = 600.0) -> list[dict]:
 
     ``timeout`` is one deadline for all of them, as for :func:`score_many`."""
     deadline = time.monotonic() + timeout
-    handles = [app.send_task(EMBED, args=[chunk], queue=BULK_QUEUE) for chunk in chunks(list(uris))]
+    handles: list[AsyncResult] = []
+    try:
+        for chunk in chunks(list(uris)):
+            handles.append(_send(EMBED, [chunk], BULK_QUEUE, None))
+    except BrokerUnavailable:
+        _release(handles)
+        raise
     return _gather(handles, deadline)
 
 
 def _gather(handles: list[AsyncResult], deadline: float) -> list[Any]:
     """The chunks' result lists, concatenated in order, all waited for within one deadline."""
     rows: list[Any] = []
-    for handle in handles:
-        rows.extend(_wait(handle, max(deadline - time.monotonic(), 0.001)))
+    try:
+        for handle in handles:
+            rows.extend(_wait(handle, max(deadline - time.monotonic(), 0.001)))
+    except RealscoreError:
+        _release(handles)
+        raise
     return rows
 
 
 def result(task_id: str) -> Result | list[Result] | None:
     """The task's result if it is ready, else ``None``; never blocks (for async web frameworks).
 
-    Raises :class:`RuntimeError` for a task that failed or was revoked (e.g. it expired).
+    Raises :class:`TaskFailed` (a ``RuntimeError``) for a task that failed or was revoked (e.g.
+    it expired), :class:`BrokerUnavailable` when Redis cannot be reached.
     """
     handle = AsyncResult(task_id, app=app)
-    state = handle.state
-    if state == "SUCCESS":
-        return handle.result
+    try:
+        state = handle.state
+        value = handle.result if state in ("SUCCESS", "FAILURE", "REVOKED") else None
+    except Exception as error:
+        if _unreachable(error):
+            raise _broker_unavailable(error) from None
+        raise
     if state in ("FAILURE", "REVOKED"):
-        raise RuntimeError(f"task {task_id} ended {state}: {handle.result!r}")
-    return None
+        raise TaskFailed(f"task {task_id} ended {state}: {value!r}")
+    return value

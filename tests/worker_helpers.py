@@ -38,38 +38,58 @@ def sample(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port that can be stopped and started again
+    on the same port (an outage)."""
+
+    def __init__(self, password: str | None = None) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.auth = ["--requirepass", password] if password else []
+        host = f":{password}@127.0.0.1" if password else "127.0.0.1"
+        self.url = f"redis://{host}:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", *self.auth],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        try:
+            wait_until(answers, 10, "private redis-server")
+        finally:
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
 @contextmanager
 def private_redis(password: str | None = None) -> Iterator[str]:
     """A throwaway ``redis-server`` on a free loopback port; yields its URL (with the password,
     if it asks for one: ``requirepass``, as the compose file runs it)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    auth = ["--requirepass", password] if password else []
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {process.returncode}")
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
+    server = RedisServer(password)
     try:
-        wait_until(answers, 10, "private redis-server")
-        yield url
+        yield server.start().url
     finally:
-        client.close()
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 def app_for(url: str) -> Celery:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 
-from shared.celery_app import app
+from shared.celery_app import app, configure_worker
 from shared.model_files import ModelFilesError, check_tower, head_weights_path
 from shared.usage import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from shared.settings import Settings, get_settings
@@ -107,6 +107,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
     from shared.redact import install_log_redaction
 
     install_log_redaction()
+    configure_worker(app)
     limit_malloc_arenas()
     try:
         loaded = load_model(
