@@ -46,9 +46,14 @@ class LocalScorer:
         self.model = self.service.results.model
 
     def score(self, paths: list[Path]) -> list[Result]:
-        return self.service.score_uris([str(path) for path in paths])
+        from worker.serving.progress import progress
+
+        with progress(len(paths), "clean") as tick:
+            return self.service.map(lambda path: tick(self.service.score_uri(str(path))), paths)
 
     def score_degraded(self, paths: list[Path], perturbation: Perturbation) -> list[Result]:
+        from worker.serving.progress import progress
+
         def one(path: object) -> Result:
             try:
                 data = self.service.sources.fetch(str(path))
@@ -57,7 +62,8 @@ class LocalScorer:
                 return self.service.results.from_exception(str(path), error)
             return self.service.score_bytes(str(path), degraded)
 
-        return self.service.map(one, paths)
+        with progress(len(paths), perturbation.name) as tick:
+            return self.service.map(lambda path: tick(one(path)), paths)
 
     def rule(self, results: list[Result]) -> tuple[float, str]:
         return self.service.results.threshold, self.service.results.high_score_means

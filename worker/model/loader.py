@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPVisionModel
+from transformers.utils import logging as transformers_logging
 
 from shared.model_files import is_hub_id
 from worker.model.headfile import tower_fingerprint
@@ -24,6 +25,8 @@ from worker.model.preprocess import Preprocessing
 from worker.model.weights import Checkpoint, WeightsError, read_checkpoint, tensors_sha256
 
 log = logging.getLogger(__name__)
+# transformers draws a "Loading weights" bar for every load: noise in every command and worker log.
+transformers_logging.disable_progress_bar()
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -259,6 +262,8 @@ def build_model(
     precision = resolve_dtype(dtype, target)
     tower = load_tower(tower_name)
     check_metadata(checkpoint.metadata, tower, tower_name)
+    if checkpoint.metadata.get("demo"):
+        log.warning("%s is a demo head (%s)", checkpoint.path, checkpoint.metadata["demo"])
     try:
         preprocessing = Preprocessing.from_pretrained(tower_name)
     except (OSError, ValueError) as error:  # e.g. no preprocessor_config.json beside the tower

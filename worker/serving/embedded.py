@@ -2,12 +2,15 @@
 
 It trusts every local path its own user names (``LOCAL_ROOTS`` is the worker's policy), and each
 ``uri`` field echoes the input as given, while relative paths are read from the working directory.
+A local folder stands for the image files under it (recursively, sorted, as ``evaluate`` finds
+them); a progress bar is drawn on stderr when it is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from shared.local_paths import absolute_uri
@@ -15,8 +18,10 @@ from shared.model_files import head_weights_path
 from shared.settings import Settings, get_settings
 from shared.usage import EXIT_OK, UsageError
 from worker.model.loader import ModelLoadError, load_model
+from worker.lifecycle.folders import list_images
 from worker.model.modes import DecodeModeError
 from worker.serving.memory import limit_malloc_arenas
+from worker.serving.progress import progress
 from worker.serving.service import ScoringService
 
 
@@ -38,14 +43,29 @@ def start_service(settings: Settings, batch_size: int | None = None) -> ScoringS
         raise UsageError(str(error)) from None
 
 
+def _inputs(given: list[str]) -> list[tuple[str, str]]:
+    """``(shown, readable)`` pairs: relative paths made absolute, local folders expanded."""
+    pairs = []
+    for uri in given:
+        readable = absolute_uri(uri)
+        if uri.strip() and "://" not in uri and os.path.isdir(readable):
+            for path in list_images(readable, "score"):
+                pairs.append((os.path.join(uri, os.path.relpath(path, readable)), str(path)))
+        else:
+            pairs.append((uri, readable))
+    return pairs
+
+
 def run(args: argparse.Namespace) -> int:
+    inputs = _inputs(args.uris)
     service = start_service(get_settings(), args.batch_size)
     try:
-        results = service.score_uris([absolute_uri(uri) for uri in args.uris])
+        with progress(len(inputs), "scoring") as tick:
+            results = service.map(lambda uri: tick(service.score_uri(uri)), [r for _, r in inputs])
     finally:
         service.stop()
-    for given, result in zip(args.uris, results):
-        result["uri"] = given
+    for (shown, _), result in zip(inputs, results):
+        result["uri"] = shown
         sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return EXIT_OK
