@@ -14,8 +14,8 @@ from pathlib import Path
 
 from shared.cli import EXIT_OK, UsageError
 from shared.settings import get_settings
-from worker.model.headfile import head_metadata, utc_now, write_weights
-from worker.model.loader import ModelLoadError, load_tower, model_id, tower_differs
+from worker.model.headfile import head_metadata, tower_weights_sha256, utc_now, write_weights
+from worker.model.loader import ModelLoadError, align_tower_keys, load_tower, model_id, tower_differs
 from worker.model.preprocess import Preprocessing
 from worker.serving.service import verdict_rule
 from worker.model.weights import WeightsError, file_sha256, read_checkpoint, tensors_sha256
@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
             key: value.half() if args.fp16 and value.is_floating_point() else value
             for key, value in checkpoint.tower.items()
         }
+        # The head runs on the pretrained tower with these weights over it, as the loader builds it.
+        tower.load_state_dict(align_tower_keys(tower, tower_tensors), strict=False)
     threshold, means = verdict_rule(settings, checkpoint.metadata)
     metadata = head_metadata(
         tower=tower_name,
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             "fine_tuned_tower": fine_tuned,
             "date": utc_now(),
         },
+        tower_weights=tower_weights_sha256(tower),
     )
     write_weights(out, checkpoint.head, metadata, tower=tower_tensors)
 

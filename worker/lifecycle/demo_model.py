@@ -19,7 +19,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from shared.usage import EXIT_OK
-from worker.model.headfile import head_metadata, write_weights
+from worker.model.headfile import head_metadata, tower_weights_sha256, write_weights
 from worker.model.loader import model_id
 from worker.model.preprocess import Preprocessing
 from worker.model.weights import tensors_sha256
@@ -55,6 +55,7 @@ def write_demo_model(out: Path, seed: int = 0) -> tuple[Path, Path]:
         threshold=0.0,
         high_score_means="real",
         training_data={"source": "demo-random", "seed": seed, "note": DEMO_NOTE},
+        tower_weights=tower_weights_sha256(tower),
     )
     metadata["demo"] = DEMO_NOTE
     head_path = write_weights(out / HEAD_FILE, head, metadata)

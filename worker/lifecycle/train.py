@@ -293,6 +293,21 @@ def _tower_description(tower_name: str, hidden_size: int) -> tuple[object, objec
     return config, preprocessing
 
 
+def _local_tower_weights(tower_name: str) -> str | None:
+    """The weights hash of a local tower, so the head is refused on any other tower of its shape.
+    A hub id is told apart by its name already; its weights may not even be on this machine."""
+    from shared.model_files import is_hub_id
+    from worker.model.headfile import tower_weights_sha256
+    from worker.model.loader import ModelLoadError, load_tower
+
+    if is_hub_id(tower_name, here=True):
+        return None
+    try:
+        return tower_weights_sha256(load_tower(tower_name))
+    except ModelLoadError as error:
+        raise UsageError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
     settings = get_settings()
@@ -341,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(metrics, title=f"\n== held-out test split: {len(test_idx)} images =="))
 
     tower_config, preprocessing = _tower_description(tower_name, x.shape[1])
+    tower_weights = _local_tower_weights(tower_name)
     counts = Counter(y.tolist())
     head = {
         "linear.weight": trained.weight.float().contiguous(),
@@ -369,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
             "test_auc_roc": metrics.auc_roc,
             "date": utc_now(),
         },
+        tower_weights=tower_weights,
     )
     out = write_weights(args.out, head, metadata)
     print(f"\nwrote {out} (score above 0 means {means}; {other(means)} at or below)")

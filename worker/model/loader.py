@@ -19,7 +19,7 @@ from transformers import CLIPVisionModel
 from transformers.utils import logging as transformers_logging
 
 from shared.model_files import is_hub_id
-from worker.model.headfile import tower_fingerprint
+from worker.model.headfile import tower_fingerprint, tower_weights_sha256
 from worker.model.model import RealScoreModel
 from worker.model.preprocess import Preprocessing
 from worker.model.weights import Checkpoint, WeightsError, read_checkpoint, tensors_sha256
@@ -244,6 +244,21 @@ def check_metadata(metadata: dict[str, str], tower: CLIPVisionModel, tower_name:
         )
 
 
+def check_tower_weights(checkpoint: Checkpoint, tower: CLIPVisionModel, tower_name: str) -> None:
+    """Refuse a head recorded for a tower whose weights differ from the one it would run on (after
+    any fine-tuned weights from the checkpoint): two towers of one shape are not interchangeable."""
+    recorded = checkpoint.metadata.get("tower_weights")
+    if not recorded:
+        return
+    actual = tower_weights_sha256(tower)
+    if actual != recorded:
+        raise WeightsError(
+            f"head was made for another tower ({checkpoint.metadata.get('tower', 'unnamed')}, "
+            f"weights {recorded[:12]}) of the same shape, but REALSCORE_MODEL={tower_name} has "
+            f"weights {actual[:12]}: use the tower it was made for, or train a head for this one"
+        )
+
+
 def model_id(tower_name: str, head_sha: str, tower_sha: str | None = None) -> str:
     ident = f"{tower_name}+head:{head_sha[:12]}"
     return f"{ident}+tower:{tower_sha[:12]}" if tower_sha else ident
@@ -273,6 +288,7 @@ def build_model(
         tower.load_state_dict(align_tower_keys(tower, checkpoint.tower), strict=False)
         tower_sha = tensors_sha256(checkpoint.tower)
         log.info("using the fine-tuned tower weights from %s", checkpoint.path)
+    check_tower_weights(checkpoint, tower, tower_name)
     model = RealScoreModel(tower, dropout=dropout)
     _apply_head(model, checkpoint, tower_name)
     model.eval()
@@ -297,6 +313,11 @@ def load_model(
     dtype: str = "auto",
 ) -> LoadedModel:
     """Read ``head_weights`` and build the model; every failure is a :class:`ModelLoadError`."""
+    if not Path(head_weights).is_file():
+        raise ModelLoadError(
+            f"head weights not found at {head_weights}: put modelo_final.pth (or a converted "
+            "head.safetensors) there, or point REALSCORE_HEAD_WEIGHTS at it"
+        )
     try:
         return build_model(tower_name, read_checkpoint(head_weights), device=device, dtype=dtype)
     except WeightsError as error:

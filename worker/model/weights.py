@@ -99,10 +99,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a seed ``.pth`` (dict with ``model_state_dict``) or a safetensors head."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(
-            f"head weights not found at {path}: put modelo_final.pth (or a converted "
-            "head.safetensors) there, or point REALSCORE_HEAD_WEIGHTS at it"
-        )
+        raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path), device="cpu")
