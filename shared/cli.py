@@ -25,7 +25,8 @@ __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser"
 # Top-level modules of the optional extras, and the extra that brings each.
 _EXTRA_OF = {
     "torch": "worker", "transformers": "worker", "PIL": "worker", "safetensors": "worker",
-    "numpy": "worker", "prometheus_client": "worker", "tqdm": "worker", "sklearn": "eval", "matplotlib": "eval",
+    "numpy": "worker", "prometheus_client": "worker", "tqdm": "worker",
+    "sklearn": "eval", "matplotlib": "eval",
 }
 
 
@@ -110,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as stop:  # argparse printed its usage error (2), or --help/--version (0)
+        return int(stop.code or 0)
     args.extra = extra
     try:
         settings = get_settings()
