@@ -1,9 +1,9 @@
 """The ``realscore`` command line: one entry point, a subcommand per job.
 
-Commands that need the model import ``worker`` lazily, so ``realscore submit`` and
-``realscore backfill`` work on a machine installed without the ``worker`` extra. Settings, argument
-types and each command's files are checked first (:mod:`shared.preflight`), before a command's
-module and torch are imported: every usage error is answered at once.
+Commands that need the model import ``worker`` lazily, so ``realscore submit`` works on a
+machine installed without the ``worker`` extra. Settings, argument types and each command's files
+are checked first (:mod:`shared.preflight`), before a command's module and torch are imported:
+every usage error is answered at once.
 Exit codes: 0 done (even when some images are error results), 1 runtime failure, 2 usage or
 configuration error.
 """
