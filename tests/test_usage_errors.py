@@ -54,6 +54,7 @@ def model_env(tiny_clip_dir: Path, seed_checkpoint: Path) -> dict[str, str]:
         (["worker", "--concurrency", "many"], {}, "--concurrency"),
         (["evaluate", "--real", "/no/such/real", "--ai", "/no/such/ai"], {}, "--real /no/such/real"),
         (["evaluate", "--real", ".", "--ai", ".", "--threshold", "2"], {}, "--threshold"),
+        (["evaluate", "--real", ".", "--ai", ".", "--perturb", "sharpen:2"], {}, "unknown perturbation"),
         (["train", "--real", ".", "--ai", ".", "--out", "h.safetensors", "--epochs", "0"], {}, "--epochs"),
         (["convert", "/no/such.pth", "--out", "h.safetensors"], {}, "checkpoint not found: /no/such.pth"),
     ],

@@ -13,14 +13,16 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from shared.results import Result, ResultFactory
 from shared.settings import Settings, get_settings
-from worker.lifecycle.evaluation import Condition, Row, format_table, other
 from worker.lifecycle.folders import LabelledFile, labelled_files
 from worker.lifecycle.perturb import Perturbation, degrade, parse
+
+if TYPE_CHECKING:
+    from worker.lifecycle.evaluation import Condition, Row
 
 
 class Scorer(Protocol):
@@ -122,6 +124,8 @@ class QueueScorer:
 
     def rule(self, results: list[Result]) -> tuple[float, str]:
         """The workers' own threshold and polarity, read back from their verdicts."""
+        from worker.lifecycle.evaluation import other
+
         for result in results:
             if result.get("ok") and result.get("label") in ("real", "ai"):
                 threshold = float(result["threshold"])
@@ -134,6 +138,8 @@ class QueueScorer:
 
 
 def _rows(files: list[LabelledFile], results: list[Result]) -> list[Row]:
+    from worker.lifecycle.evaluation import Row
+
     rows = []
     for item, result in zip(files, results, strict=True):
         error = None if result["ok"] else (result.get("error") or {}).get("code", "internal")
@@ -159,6 +165,8 @@ def _print_condition(condition: Condition, clean: Condition | None) -> None:
         print("  no image could be scored")
         return
     extra = [_changed(clean, condition)] if clean is not None and clean.metrics else []
+    from worker.lifecycle.evaluation import format_table
+
     print(format_table(condition.metrics, extra=extra))
 
 
@@ -184,6 +192,9 @@ def _validate(args: argparse.Namespace) -> list[Perturbation]:
 def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     perturbations = _validate(args)
+    # scikit-learn takes seconds to import: only once the arguments are known to be good.
+    from worker.lifecycle.evaluation import Condition
+
     files = labelled_files(args.real, args.ai)
     paths = [item.path for item in files]
     scorer: Scorer = (
