@@ -74,7 +74,32 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> None:
         local_model(args, settings)
 
 
+def train_arguments(args: argparse.Namespace) -> None:
+    """The numbers ``train`` takes, checked together (some depend on each other)."""
+    checks = [
+        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.patience >= 1, "--patience must be at least 1"),
+        (
+            0 < args.val_split < 1 and 0 < args.test_split < 1,
+            "--val-split and --test-split must be in (0, 1)",
+        ),
+        (args.val_split + args.test_split < 1, "--val-split + --test-split must be below 1"),
+        (
+            args.lr > 0 and args.weight_decay >= 0,
+            "--lr must be positive, --weight-decay not negative",
+        ),
+        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.batch_size is None or args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.timeout > 0, "--timeout must be positive"),
+        (args.out.endswith(".safetensors"), "--out must end in .safetensors"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
 def train(args: argparse.Namespace, settings: Settings) -> None:
+    train_arguments(args)
     _folders(args)
     if args.model:
         check_tower(args.model, "--model")

@@ -56,6 +56,7 @@ def model_env(tiny_clip_dir: Path, seed_checkpoint: Path) -> dict[str, str]:
         (["evaluate", "--real", ".", "--ai", ".", "--threshold", "2"], {}, "--threshold"),
         (["evaluate", "--real", ".", "--ai", ".", "--perturb", "sharpen:2"], {}, "unknown perturbation"),
         (["train", "--real", ".", "--ai", ".", "--out", "h.safetensors", "--epochs", "0"], {}, "--epochs"),
+        (["train", "--real", ".", "--ai", ".", "--out", "h.safetensors", "--val-split", "0.9"], {}, "--val-split"),
         (["convert", "/no/such.pth", "--out", "h.safetensors"], {}, "checkpoint not found: /no/such.pth"),
     ],
 )

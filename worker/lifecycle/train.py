@@ -252,26 +252,9 @@ def _deduplicated(
 
 
 def _validate(args: argparse.Namespace) -> None:
-    checks = [
-        (args.epochs >= 1, "--epochs must be at least 1"),
-        (args.patience >= 1, "--patience must be at least 1"),
-        (
-            0 < args.val_split < 1 and 0 < args.test_split < 1,
-            "--val-split and --test-split must be in (0, 1)",
-        ),
-        (args.val_split + args.test_split < 1, "--val-split + --test-split must be below 1"),
-        (
-            args.lr > 0 and args.weight_decay >= 0,
-            "--lr must be positive, --weight-decay not negative",
-        ),
-        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.batch_size is None or args.batch_size >= 1, "--batch-size must be at least 1"),
-        (args.timeout > 0, "--timeout must be positive"),
-        (Path(args.out).suffix == ".safetensors", "--out must end in .safetensors"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
+    from shared.preflight import train_arguments
+
+    train_arguments(args)
 
 
 def _tower_description(tower_name: str, hidden_size: int) -> tuple[object, object]:
