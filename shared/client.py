@@ -55,7 +55,12 @@ class TaskFailed(RealscoreError, RuntimeError):
 
 # What kombu, redis-py and Celery raise when Redis cannot be reached. Celery's result consumer
 # wraps the last one in a RuntimeError ("must be restarted") when its reconnect retries run out.
-_UNREACHABLE = (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
+_UNREACHABLE = (
+    OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+)
 
 
 def _unreachable(error: BaseException) -> bool:

@@ -79,7 +79,9 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     _folders(train)
     train.add_argument("--out", required=True, help="the .safetensors head to write")
     train.add_argument("--seed", type=int, default=0, help="same seed and data -> identical head")
-    train.add_argument("--epochs", type=preflight.positive_int, default=300, help="most passes over the training set")
+    train.add_argument(
+        "--epochs", type=preflight.positive_int, default=300, help="most passes over the training set"
+    )
     train.add_argument(
         "--patience", type=int, default=20, help="epochs without improvement to stop"
     )

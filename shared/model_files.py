@@ -62,14 +62,17 @@ def head_weights_path(settings: Settings) -> Path:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(name, "").lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(name, "").lower() in _TRUE for name in names)
 
 
 def check_tower(name: str, variable: str = "REALSCORE_MODEL") -> None:
     """Refuse a tower that cannot load: a path that does not exist, or (offline) an uncached hub id."""
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
-            raise ModelFilesError(f"{variable}={name}: the directory has no config.json (not a saved tower)")
+            raise ModelFilesError(
+                f"{variable}={name}: the directory has no config.json (not a saved tower)"
+            )
         return
     if not is_hub_id(name):
         raise ModelFilesError(f"{variable}={name}: no such directory (and not a hub id)")

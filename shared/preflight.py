@@ -111,7 +111,9 @@ def convert(args: argparse.Namespace, settings: Settings) -> None:
     if not os.path.isfile(args.checkpoint):
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
     if not args.out.endswith(".safetensors"):
-        raise UsageError(f"--out must end in .safetensors (the loader picks the format by it): {args.out}")
+        raise UsageError(
+            f"--out must end in .safetensors (the loader picks the format by it): {args.out}"
+        )
     if args.model:
         check_tower(args.model, "--model")
     else:
