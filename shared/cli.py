@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "uris", nargs="+", metavar="URI", help="path (relative to here), file:// or s3:// URI"
     )
     score.add_argument(
-        "--batch-size", type=preflight.positive_int, default=None, help="images per forward pass"
+        "--batch-size", type=int, default=None, help="images per forward pass"
     )
-    score.set_defaults(handler=_delegate("worker.serving.embedded"), preflight=preflight.local_model)
+    score.set_defaults(handler=_delegate("worker.serving.embedded"), preflight=preflight.score)
 
     worker = commands.add_parser(
         "worker",
@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="path (relative to here; the workers must be able to read it), file:// or s3:// URI",
     )
     submit.add_argument(
-        "--timeout", type=preflight.positive_float, default=60.0, help="seconds to wait in all"
+        "--timeout", type=float, default=60.0, help="seconds to wait in all"
     )
-    submit.set_defaults(handler=_delegate("shared.submit_command"))
+    submit.set_defaults(handler=_delegate("shared.submit_command"), preflight=preflight.submit)
 
     demo = commands.add_parser(
         "demo-model",
@@ -111,12 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-        if extra and not getattr(args, "passthrough", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as stop:  # argparse printed its usage error (2), or --help/--version (0)
-        return int(stop.code or 0)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     try:
         settings = get_settings()

@@ -22,12 +22,12 @@ def _folders(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=preflight.positive_float,
+        type=float,
         default=600.0,
         help="with --via-queue: seconds to wait for the workers' results",
     )
     parser.add_argument(
-        "--batch-size", type=preflight.positive_int, default=None, help="images per forward pass"
+        "--batch-size", type=int, default=None, help="images per forward pass"
     )
 
 
@@ -51,7 +51,7 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     _folders(evaluate)
     evaluate.add_argument(
         "--threshold",
-        type=preflight.score_range,
+        type=float,
         default=None,
         help="decision threshold (default: REALSCORE_THRESHOLD, else the head's metadata, else 0)",
     )
@@ -80,7 +80,7 @@ def add_commands(commands: argparse._SubParsersAction, delegate: Callable[[str],
     train.add_argument("--out", required=True, help="the .safetensors head to write")
     train.add_argument("--seed", type=int, default=0, help="same seed and data -> identical head")
     train.add_argument(
-        "--epochs", type=preflight.positive_int, default=300, help="most passes over the training set"
+        "--epochs", type=int, default=300, help="most passes over the training set"
     )
     train.add_argument(
         "--patience", type=int, default=20, help="epochs without improvement to stop"

@@ -1,8 +1,8 @@
 """Checks a command's arguments and files before its module (and torch) is imported.
 
-Every usage error is answered at once: argparse types refuse bad numbers while parsing, and each
-command's pre-flight check refuses missing files and folders before the model loads. The command
-modules keep their own checks for callers that do not come through the CLI.
+Every usage error is answered at once: each command's pre-flight check refuses bad numbers,
+missing files and folders before the command's module (and torch) is imported, and so before the
+model loads. The command modules keep their own checks for callers that do not come through the CLI.
 """
 
 from __future__ import annotations
@@ -18,37 +18,14 @@ from shared.usage import UsageError
 Preflight = Callable[[argparse.Namespace, Settings], None]
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise UsageError(f"{name} must be positive, got {value}")
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number above 0 (seconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def score_range(text: str) -> float:
-    """argparse type: a threshold in the score's range [-1, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [-1, 1] (the score's range), got {text}")
-    return value
+def _batch_size(args: argparse.Namespace) -> None:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
 
 
 def _folders(args: argparse.Namespace) -> None:
@@ -57,13 +34,26 @@ def _folders(args: argparse.Namespace) -> None:
             raise UsageError(f"{option} {folder}: not a directory")
 
 
-def local_model(args: argparse.Namespace, settings: Settings) -> None:
-    """``score``: the configured tower and head weights exist."""
+def local_model(settings: Settings) -> None:
+    """The configured tower and head weights exist."""
     check_tower(settings.model)
     head_weights_path(settings)
 
 
+def score(args: argparse.Namespace, settings: Settings) -> None:
+    _batch_size(args)
+    local_model(settings)
+
+
+def submit(args: argparse.Namespace, settings: Settings) -> None:
+    _positive("--timeout", args.timeout)
+
+
 def evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    _batch_size(args)
+    if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
+        raise UsageError("--threshold must be in [-1, 1] (the score's range)")
+    _positive("--timeout", args.timeout)
     _folders(args)
     if args.perturb and args.via_queue and not args.work_dir:
         raise UsageError(
@@ -71,7 +61,7 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> None:
             "(inside their REALSCORE_LOCAL_ROOTS) for the degraded copies"
         )
     if not args.via_queue:
-        local_model(args, settings)
+        local_model(settings)
 
 
 def train_arguments(args: argparse.Namespace) -> None:
