@@ -17,13 +17,17 @@ from shared.usage import EXIT_FAILURE, EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
+    sent = [absolute_uri(uri) for uri in args.uris]
     try:
-        results = client.score_many([absolute_uri(uri) for uri in args.uris], timeout=args.timeout)
+        results = client.score_many(sent, timeout=args.timeout)
     except (client.ScoreTimeout, client.BrokerUnavailable) as error:
         print(f"realscore submit: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    for given, result in zip(args.uris, results):
-        result["uri"] = given
+    for given, path, result in zip(args.uris, sent, results):
+        if path != given and result.get("uri") == path:
+            # A relative path is echoed as typed, as `score` does. Anything else keeps the
+            # worker's own `uri` (which has secrets such as a URL's credentials redacted).
+            result["uri"] = given
         sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return EXIT_OK
