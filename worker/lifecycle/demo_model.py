@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     tower_dir, head_path = write_demo_model(out)
     head = load_file(str(head_path))
     print(
-        f"wrote a demo model to {out}: {DEMO_NOTE}, for trying realscore only; results will say "
-        f"model {model_id(str(tower_dir), tensors_sha256(head))}.\n"
+        f"wrote a demo model to {out}: {DEMO_NOTE}, for trying realscore only; its results' "
+        f"model string starts {model_id(str(tower_dir), tensors_sha256(head))}.\n"
         "Set these variables (or run: eval \"$(realscore demo-model --out "
         f"{shlex.quote(args.out)})\"):",
         file=sys.stderr,
