@@ -1,7 +1,9 @@
 """The configured Celery app, shared by clients and workers. No tasks are imported here.
 
 Choices (docs/architecture.md says why): JSON only; late acks with a prefetch of one message per thread; a
-deliberate Redis ``visibility_timeout`` (kombu's default is an hour, counted from delivery); the
+deliberate Redis ``visibility_timeout`` (kombu's default is an hour, counted from delivery); a
+redelivered task whose result is already SUCCESS is not run again (and Celery's key-value
+backends never overwrite a SUCCESS); results without a second copy of the arguments; the
 interactive queue consumed before the bulk one (``queue_order_strategy: priority``, never numeric
 message priorities, which mean opposite things on Redis and RabbitMQ); events on for Flower.
 """
@@ -38,6 +40,11 @@ def configure(app: Celery, settings: Settings) -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
             "queue_order_strategy": "priority",
+            # kombu looks for messages past their visibility timeout every interval x throttle
+            # seconds (10 x 10 by default, which adds up to 100 s to every redelivery): sweep at
+            # a tenth of the timeout (at most every 10 s); one ZRANGE on the unacked index.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
         },
         result_backend_transport_options={
             "visibility_timeout": settings.visibility_timeout,
@@ -61,7 +68,14 @@ def configure(app: Celery, settings: Settings) -> Celery:
         task_send_sent_event=True,
         task_track_started=True,
         result_expires=settings.result_expires,
-        result_extended=True,  # Flower and `result()` see the task name and args
+        # Not extended: a 256-URI chunk's arguments would be stored a second time with its
+        # result (Flower has them from the task events already).
+        result_extended=False,
+        # A message redelivered (visibility timeout, connection loss) after its task succeeded
+        # is acknowledged without running again.
+        worker_deduplicate_successful_tasks=True,
+        # Threads cannot be cancelled: running tasks finish across a broker blip, and a copy
+        # Redis redelivers meanwhile is made harmless by the deduplication above.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         timezone="UTC",
     )

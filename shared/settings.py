@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         900, ge=10, description="seconds before Redis redelivers an unacknowledged message"
     )
     max_attempts: int = Field(3, ge=1, le=100, description="deliveries of one task before giving up")
+    forward_timeout: float = Field(
+        300.0, gt=0, description="seconds one forward pass may run before the worker is declared hung"
+    )
 
     # Model.
     model: str = "openai/clip-vit-large-patch14"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.processes import wait_until
-from worker.serving.batcher import BatcherStopped, DynamicBatcher, ItemFailed, Lane
+from worker.serving.batcher import BatcherStopped, DynamicBatcher, ItemFailed, Lane, ModelBroken
 
 
 class Recorder:
@@ -260,3 +260,53 @@ def test_on_done_runs_after_each_batch_even_on_failure() -> None:
             future.result(timeout=10)
     batcher.stop(timeout=10)
     assert sorted(done) == ["released0", "released1"]
+
+
+def test_a_whole_batch_failing_with_a_failing_probe_breaks_the_batcher_at_once() -> None:
+    broken: list[BaseException] = []
+    state = {"fail": False}
+    seen: list[list[object]] = []
+
+    def forward(items: list[object]) -> list[object]:
+        seen.append(list(items))
+        if state["fail"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return items
+
+    batcher = DynamicBatcher(forward, max_batch_size=4, max_wait_s=0.0, on_broken=broken.append).start()
+    assert batcher.submit("good").result(timeout=10) == "good"
+    state["fail"] = True
+    with pytest.raises(ModelBroken, match="illegal memory access"):
+        batcher.submit("x").result(timeout=10)
+    assert seen[-1] == ["good"]  # the probe: an item the model scored before
+    assert batcher.broken and len(broken) == 1
+    with pytest.raises(ModelBroken):
+        batcher.submit("y")
+    batcher.stop(timeout=10)
+
+
+def test_the_watchdog_fails_a_hung_forward_and_everything_queued() -> None:
+    broken: list[BaseException] = []
+    hang = threading.Event()
+    release = threading.Event()
+
+    def forward(items: list[object]) -> list[object]:
+        if hang.is_set():
+            release.wait(30)
+        return items
+
+    batcher = DynamicBatcher(
+        forward, max_batch_size=1, max_wait_s=0.0, on_broken=broken.append, forward_timeout_s=0.3
+    ).start()
+    assert batcher.submit("a").result(timeout=10) == "a"
+    hang.set()
+    in_forward = batcher.submit("b")
+    queued = batcher.submit("c")
+    with pytest.raises(ModelBroken, match="deadline"):
+        in_forward.result(timeout=20)
+    with pytest.raises(ModelBroken):
+        queued.result(timeout=1)
+    assert len(broken) == 1 and isinstance(broken[0], TimeoutError)
+    assert batcher.stop(timeout=0.2) is False  # the hung thread is not waited for
+    release.set()
+    assert batcher.stop(timeout=10) is True

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import wait_until
+
 from shared.settings import load_settings
-from worker.serving.batcher import Lane
+from worker.serving.batcher import Lane, ModelBroken
 from worker.serving.service import ScoringService
 
 
@@ -48,22 +50,47 @@ def test_bulk_work_does_not_hold_up_interactive_work(service_factory) -> None:
     assert not bulk.is_alive()
 
 
-def test_a_model_that_keeps_failing_is_reported_once(service_factory, loaded_model, image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_broken_model_hands_work_back_instead_of_answering_internal(service_factory, loaded_model, image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     broken: list[BaseException] = []
     service = service_factory(on_broken=broken.append)
+    images = [str(path) for path in sorted(image_dir.glob("*.png"))]
+    assert all(r["ok"] for r in service.score_uris(images))  # the model has worked: a probe exists
 
     def failing(pixels: object, **_: object) -> object:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(loaded_model, "launch", failing)
-    images = [str(path) for path in sorted(image_dir.glob("*.png"))]
-    for _ in range(3):
-        results = service.score_uris(images)
-        assert all(not r["ok"] and r["error"]["code"] == "internal" for r in results)
-        assert "illegal memory access" in results[0]["error"]["message"]
+    # The first whole batch that fails is followed by the probe, which fails too: the images
+    # are not to blame, so none of them becomes an `internal` result.
+    with pytest.raises(ModelBroken, match="illegal memory access"):
+        service.score_uris(images)
+    with pytest.raises(ModelBroken):
+        service.score_uris(images)  # and later work is refused, not failed
     assert not service.healthy
     assert len(broken) == 1
-    assert service.budget.in_use == 0  # every image's pixels were released
+    # Every image's pixels are released (the map raised at its first failure; the other
+    # threads finish their own images a moment later).
+    wait_until(lambda: service.budget.in_use == 0, 10, "pixel budget released")
+
+
+def test_a_failing_image_with_a_working_model_fails_alone(service_factory, loaded_model, image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = service_factory()
+    images = [str(path) for path in sorted(image_dir.glob("*.png"))]
+    assert all(r["ok"] for r in service.score_uris(images))
+    real = loaded_model.launch
+    failures = iter([RuntimeError("CUDA error: device-side assert triggered")])
+
+    def once(pixels, **kwargs):  # the next batch fails (its image is to blame), then all run
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(pixels, **kwargs)
+
+    monkeypatch.setattr(loaded_model, "launch", once)
+    results = service.score_uris([images[2]])  # alone in its batch: the probe tells them apart
+    assert results[0]["error"]["code"] == "internal"
+    assert service.healthy
+    assert all(r["ok"] for r in service.score_uris(images))
 
 
 def test_budget_is_released_after_scoring(service_factory, image_dir: Path) -> None:

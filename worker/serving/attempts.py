@@ -1,17 +1,31 @@
-"""Counts deliveries per task id in Redis, so a message that keeps killing its worker is given up.
+"""Delivery bookkeeping in Redis: how often a task id was delivered, which of its images was being
+scored when a worker died, and the dead-letter list of what was given up.
 
 Redis keeps no delivery count and ``task_reject_on_worker_lost`` does nothing for the thread pool:
 without this, a poison message would come back after every ``visibility_timeout``, forever.
+
+Keys (in the broker's Redis, all expiring on their own):
+``realscore:attempts:<id>`` deliveries so far; ``realscore:attempts:<id>:at`` the index of the
+image a last-attempt run was scoring; ``realscore:attempts:<id>:poison`` the indices that were
+being scored when a worker died on its last attempts. ``realscore:dead-letter`` (a list, newest
+first, capped at ``DEAD_LETTER_CAP``) records every given-up task as a JSON object.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 
 import redis
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "realscore:attempts:"
+DEAD_LETTER_KEY = "realscore:dead-letter"
+DEAD_LETTER_CAP = 10_000
+
+# Delete the count only if no other delivery of the same id has counted since ours.
+_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1], KEYS[2], KEYS[3]) end return 0"
 
 
 class AttemptCounter:
@@ -26,7 +40,12 @@ class AttemptCounter:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             log.warning("attempt counting needs Redis; %s is not, so it is off", url.split("@")[-1])
             return None
-        return cls(redis.Redis.from_url(url), max_attempts, ttl_seconds)
+        # Short socket timeouts: bookkeeping must never hold a task for long.
+        return cls(
+            redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5),
+            max_attempts,
+            ttl_seconds,
+        )
 
     def record(self, task_id: str) -> int:
         """Count one more delivery of ``task_id``; returns the attempt number (1 for the first)."""
@@ -40,6 +59,52 @@ class AttemptCounter:
     def exhausted(self, attempt: int) -> bool:
         return attempt > self.max_attempts
 
-    def done(self, task_id: str) -> None:
-        """The task finished: forget its count."""
-        self._redis.delete(KEY_PREFIX + task_id)
+    def careful(self, attempt: int) -> bool:
+        """The last attempt and any after it: score image by image, marking each."""
+        return attempt >= self.max_attempts
+
+    def done(self, task_id: str, attempt: int) -> None:
+        """Our delivery finished: forget the id, unless a later delivery has counted since."""
+        key = KEY_PREFIX + task_id
+        self._redis.eval(_DELETE_IF_EQUAL, 3, key, key + ":at", key + ":poison", attempt)
+
+    def hand_back(self, task_id: str) -> None:
+        """This delivery did not really run (its worker was broken): do not count it."""
+        self._redis.decr(KEY_PREFIX + task_id)
+
+    def mark(self, task_id: str, index: int) -> None:
+        """Image ``index`` of the task is being scored now (careful runs only)."""
+        self._redis.set(KEY_PREFIX + task_id + ":at", index, ex=self.ttl_seconds)
+
+    def poisoned(self, task_id: str) -> set[int]:
+        """The images that were being scored when this task's workers died; the mark a dead run
+        left (if any) is added to them."""
+        key = KEY_PREFIX + task_id
+        at = self._redis.getdel(key + ":at")
+        with self._redis.pipeline() as pipe:
+            if at is not None:
+                pipe.sadd(key + ":poison", int(at))
+                pipe.expire(key + ":poison", self.ttl_seconds)
+            pipe.smembers(key + ":poison")
+            members = pipe.execute()[-1]
+        return {int(member) for member in members}
+
+    def dead_letter(self, task_id: str, task_name: str, reason: str, uris: list, attempt: int) -> None:
+        """Record a given-up task (or images of one) where operators can read it."""
+        entry = {
+            "task_id": task_id,
+            "task": task_name,
+            "reason": reason,
+            "uris": [uri if isinstance(uri, str) else repr(uri) for uri in uris],
+            "attempts": attempt,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with self._redis.pipeline() as pipe:
+            pipe.lpush(DEAD_LETTER_KEY, json.dumps(entry))
+            pipe.ltrim(DEAD_LETTER_KEY, 0, DEAD_LETTER_CAP - 1)
+            pipe.execute()
+
+
+def read_dead_letters(client: redis.Redis, count: int = 100) -> list[dict]:
+    """The newest ``count`` dead-letter entries."""
+    return [json.loads(raw) for raw in client.lrange(DEAD_LETTER_KEY, 0, count - 1)]

@@ -13,8 +13,13 @@ the device could not decode); an exception from either step is the whole batch's
 on fixed-shape tensors, so no single image can be blamed and retrying in halves would only run
 it again), except the errors in ``split_on`` (out of device memory): that batch is retried in
 halves and the effective ``max_batch_size`` shrinks, so no image is lost. When every batch keeps
-failing (a poisoned CUDA context, say) the batcher calls ``on_broken`` once, so the worker can
-stop taking work instead of turning every later image into an error.
+failing the batcher calls ``on_broken`` once, so the worker can stop taking work.
+
+When a whole batch fails, an item that went through the model before is run again as a probe:
+if that fails too, the model (not the images) is broken (a poisoned CUDA context). So is a
+forward that runs past ``forward_timeout_s`` (a hung device, watched by its own thread). A broken
+batcher fails every item it holds, and every later submit, with :class:`ModelBroken` (work to hand
+back to the queue, never an image's error) and calls ``on_broken`` once.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Generic, TypeVar
@@ -43,6 +48,11 @@ class Lane(IntEnum):
 
 class BatcherStopped(RuntimeError):
     """Submitted after :meth:`DynamicBatcher.stop`."""
+
+
+class ModelBroken(RuntimeError):
+    """The model failed for reasons that are not the item's (a sticky CUDA error, a hung forward):
+    the item's work belongs back in the queue for a healthy worker."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class DynamicBatcher(Generic[Item, Output]):
         name: str = "realscore-batcher",
         on_broken: Callable[[BaseException], None] | None = None,
         broken_after: int = 3,
+        forward_timeout_s: float | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -100,9 +111,18 @@ class DynamicBatcher(Generic[Item, Output]):
         self._broken_after = broken_after
         self._failed_in_a_row = 0
         self.broken = False
+        self.broken_reason: BaseException | None = None
+        self._last_good: Item | None = None  # the probe: an item the model has scored
+        self._forward_timeout_s = forward_timeout_s
+        self._forward_started: float | None = None
+        self._current: list[_Pending] = []  # the batch being staged or completed
+        self._in_flight: deque[_Launched] = deque()
+        self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
 
     def start(self) -> DynamicBatcher[Item, Output]:
         self._thread.start()
+        if self._forward_timeout_s:
+            self._watchdog.start()
         return self
 
     def submit(
@@ -114,6 +134,8 @@ class DynamicBatcher(Generic[Item, Output]):
         """Queue ``item``; the future resolves to its output. ``on_done`` runs after its batch."""
         pending: _Pending[Item, Output] = _Pending(item, lane, on_done=on_done)
         with self._cond:
+            if self.broken:
+                raise ModelBroken(f"the model is broken: {self.broken_reason!r}")
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
             self._lanes[lane].append(pending)
@@ -130,13 +152,17 @@ class DynamicBatcher(Generic[Item, Output]):
     def stopping(self) -> bool:
         return self._stopping
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish everything already queued (the batch in flight included), then stop."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish everything already queued (the batch in flight included), then stop.
+
+        A broken batcher is not waited for beyond ``timeout`` (its forward may hang for ever).
+        Returns whether the batcher thread has ended."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _queued(self) -> int:
         return len(self._lanes[0]) + len(self._lanes[1])
@@ -169,7 +195,7 @@ class DynamicBatcher(Generic[Item, Output]):
         return batch
 
     def _run(self) -> None:
-        in_flight: deque[_Launched] = deque()
+        in_flight = self._in_flight  # also read by _declare_broken (the watchdog's thread)
         while True:
             batch = self._take_batch(wait=not in_flight)
             if batch is None:
@@ -188,10 +214,12 @@ class DynamicBatcher(Generic[Item, Output]):
     def _launch(self, batch: list[_Pending]) -> list[_Launched]:
         """Stage ``batch``; out of device memory, stage it in halves and shrink the batch size."""
         started = time.monotonic()
+        with self._cond:
+            self._current = batch
         for pending in batch:
             metrics.QUEUE_WAIT.labels(pending.lane.name.lower()).observe(started - pending.enqueued)
         try:
-            return [_Launched(batch, self._forward([p.item for p in batch]), None, started)]
+            return [_Launched(batch, self._timed(self._forward, [p.item for p in batch]), None, started)]
         except self._split_on as error:
             if len(batch) == 1:
                 return [_Launched(batch, None, error, started)]
@@ -206,10 +234,12 @@ class DynamicBatcher(Generic[Item, Output]):
     def _complete(self, launched: _Launched) -> None:
         """Wait for a staged batch and resolve its futures."""
         batch, error = launched.batch, launched.error
+        with self._cond:
+            self._current = batch
         outputs: list[object] = []
         if error is None:
             try:
-                outputs = list(self._finish(launched.handle))
+                outputs = list(self._timed(self._finish, launched.handle))
                 if len(outputs) != len(batch):
                     raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(batch)} items")
             except BaseException as failure:  # noqa: BLE001
@@ -218,27 +248,90 @@ class DynamicBatcher(Generic[Item, Output]):
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.FORWARD_TIME.observe(time.monotonic() - launched.started)
         if error is not None:
-            log.error("forward pass failed for a batch of %d: %r", len(batch), error)
-            for pending in batch:
-                _release(pending)
-                pending.future.set_exception(error)
-            self._count_failure(error)
+            if not self.broken:
+                log.error("forward pass failed for a batch of %d: %r", len(batch), error)
+                self._count_failure(error, batch)
+            for pending in batch:  # no-op for the items a broken batcher already failed
+                _settle(pending, error=error)
             return
         self._failed_in_a_row = 0
         for pending, output in zip(batch, outputs):
-            _release(pending)
             if isinstance(output, ItemFailed):
-                pending.future.set_exception(output.error)
+                _settle(pending, error=output.error)
             else:
-                pending.future.set_result(output)
+                self._last_good = pending.item
+                _settle(pending, result=output)
 
-    def _count_failure(self, error: BaseException) -> None:
+    def _timed(self, step: Callable[[object], object], argument: object) -> object:
+        """Run a forward step where the watchdog can see how long it has been running."""
+        with self._cond:
+            self._forward_started = time.monotonic()
+        try:
+            return step(argument)
+        finally:
+            with self._cond:
+                self._forward_started = None
+
+    def _count_failure(self, error: BaseException, batch: list[_Pending]) -> None:
         self._failed_in_a_row += 1
-        if self._failed_in_a_row >= self._broken_after and not self.broken:
+        if self._model_is_broken():
+            self._declare_broken(error, f"a batch of {len(batch)} failed and so did the probe", batch)
+        elif self._last_good is None and self._failed_in_a_row >= self._broken_after:
+            # Nothing has ever gone through this model, so there is no probe: count instead.
+            self._declare_broken(error, f"{self._failed_in_a_row} batches in a row failed entirely", batch)
+
+    def _model_is_broken(self) -> bool:
+        """Run the probe (an item the model scored before) alone; False when there is none."""
+        if self._last_good is None:
+            return False
+        try:
+            outputs = list(self._timed(self._finish, self._timed(self._forward, [self._last_good])))
+            if len(outputs) != 1 or isinstance(outputs[0], ItemFailed):
+                raise RuntimeError(f"the probe gave {outputs!r}")
+        except BaseException as error:  # noqa: BLE001
+            log.error("the probe failed too (%r)", error)
+            return True
+        return False
+
+    def _declare_broken(self, error: BaseException, why: str, batch: list[_Pending] = ()) -> None:
+        """Fail everything held with :class:`ModelBroken` and tell ``on_broken``, once."""
+        with self._cond:
+            if self.broken:
+                return
             self.broken = True
-            log.critical("%d batches in a row failed entirely: the model is unusable", self._failed_in_a_row)
-            if self._on_broken is not None:
-                self._on_broken(error)
+            self.broken_reason = error
+            held = [*batch, *(p for launched in list(self._in_flight) for p in launched.batch)]
+            held += [*self._lanes[0], *self._lanes[1]]
+            self._lanes[0].clear()
+            self._lanes[1].clear()
+            self._cond.notify_all()
+        log.critical("the model is unusable (%s): %r", why, error)
+        gone = ModelBroken(f"the model is broken ({why}): {error!r}")
+        for pending in held:
+            _settle(pending, error=gone)
+        if self._on_broken is not None:
+            self._on_broken(error)
+
+    def _watch(self) -> None:
+        """The watchdog: a forward step running past its deadline means a hung device or driver."""
+        limit = self._forward_timeout_s or 0.0
+        tick = min(limit / 4, 1.0)
+        while not self.broken and self._thread.is_alive():
+            with self._cond:
+                started = self._forward_started
+            if started is not None and time.monotonic() - started > limit:
+                with self._cond:
+                    still_running = self._forward_started == started
+                if still_running:
+                    with self._cond:  # the batch being completed is no longer in the deque
+                        current = list(self._current)
+                    self._declare_broken(
+                        TimeoutError(f"a forward pass ran past its {limit:g} s deadline"),
+                        "hung forward (REALSCORE_FORWARD_TIMEOUT)",
+                        current,
+                    )
+                    return
+            time.sleep(tick)  # a watchdog's period, not synchronisation
 
 
 @dataclass
@@ -247,6 +340,21 @@ class _Launched:
     handle: object
     error: BaseException | None
     started: float
+
+
+def _settle(pending: _Pending, *, result: object = None, error: BaseException | None = None) -> None:
+    """Resolve ``pending`` unless it is resolved already (the watchdog may have failed a batch
+    whose forward returns later)."""
+    _release(pending)
+    if pending.future.done():
+        return
+    try:
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            pending.future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def _release(pending: _Pending) -> None:

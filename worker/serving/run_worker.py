@@ -67,10 +67,24 @@ def check_celery_argv(argv: list[str]) -> None:
     _celery_worker_context(argv[1:])  # argv[0] is the "worker" sub-command itself
 
 
+def check_delivery_settings(settings: Settings) -> None:
+    """Refuse settings under which Redis would hand a task to a second worker while the first is
+    still (legitimately) running it: the visibility timeout must cover a fetch and a forward pass
+    with room to spare. (How much work a worker holds is on top: see the README.)"""
+    one_image = settings.fetch_timeout + settings.forward_timeout
+    if settings.visibility_timeout < 2 * one_image:
+        raise UsageError(
+            f"REALSCORE_VISIBILITY_TIMEOUT ({settings.visibility_timeout} s) must be at least twice "
+            f"REALSCORE_FETCH_TIMEOUT + REALSCORE_FORWARD_TIMEOUT ({one_image:g} s): otherwise Redis "
+            "hands tasks to another worker while this one is still scoring them"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import click
 
     settings = get_settings()
+    check_delivery_settings(settings)
     if getattr(args, "help", False):
         print(args.own_help())
         print("Celery's worker options (passed through):\n")
@@ -121,10 +135,11 @@ def serve(settings: Settings, extra: list[str]) -> int:
     broken = threading.Event()
 
     def stop_consuming(error: BaseException) -> None:
-        # Every forward fails (e.g. a sticky CUDA error): taking more work would only turn it
-        # into error results. Warm-shut down; tasks not started yet go back to the queue.
+        # The model is broken (a sticky CUDA error, a hung forward): taking more work would only
+        # turn it into errors. Warm-shut down: the tasks in hand fail fast with ModelBroken and
+        # go back to the queue (see worker.serving.delivery); then exit non-zero.
         broken.set()
-        log.critical("the model keeps failing (%r): stopping this worker", error)
+        log.critical("the model is broken (%r): stopping this worker", error)
         os.kill(os.getpid(), signal.SIGTERM)
 
     try:
@@ -144,10 +159,14 @@ def serve(settings: Settings, extra: list[str]) -> int:
         log.info("metrics on :%d/metrics", settings.metrics_port)
     import worker.serving.tasks  # noqa: F401 - registers the tasks
 
-    def flush_batches(**_: object) -> None:
-        service.batcher.flush()  # shutting down: run partial batches now, do not wait to fill
+    def drain(**_: object) -> None:
+        # Shutting down: tasks hand back the images they have not started, and the batches
+        # waiting to fill run now; what is already in the model finishes.
+        current.draining.set()
+        service.batcher.flush()
 
-    signals.worker_shutting_down.connect(flush_batches, weak=False)
+    current = runtime.current()
+    signals.worker_shutting_down.connect(drain, weak=False)
     # Celery replaces the root logger's handlers: redact on the ones it installs (and the task
     # logger's), so no password, key or signed URL reaches the log (shared/redact.py).
     signals.after_setup_logger.connect(_redact_logs, weak=False)
@@ -155,9 +174,15 @@ def serve(settings: Settings, extra: list[str]) -> int:
     try:
         code = run_celery(celery_argv(settings, extra))
     finally:
-        signals.worker_shutting_down.disconnect(flush_batches)
-        service.stop()  # Celery's warm shutdown waited for running tasks; drain what is left
+        signals.worker_shutting_down.disconnect(drain)
+        ended = service.stop()  # Celery's warm shutdown waited for running tasks; drain the rest
         runtime.install(None)
+    if not ended:  # a hung forward holds the batcher thread: do not wait for it at exit
+        log.critical("the batcher thread is still inside a forward pass: exiting without it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILURE)
     return EXIT_FAILURE if broken.is_set() else code
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from worker.serving.attempts import AttemptCounter
 from worker.serving.service import ScoringService
@@ -12,6 +13,8 @@ from worker.serving.service import ScoringService
 class WorkerRuntime:
     service: ScoringService
     attempts: AttemptCounter | None
+    # Set when a warm shutdown begins: tasks hand back the images they have not started.
+    draining: threading.Event = field(default_factory=threading.Event)
 
 
 _current: WorkerRuntime | None = None

@@ -26,7 +26,7 @@ from shared.results import ResultFactory, Result
 from shared.settings import Settings
 from worker.model import decode
 from worker.serving import metrics
-from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane
+from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
 from worker.serving.budget import ByteBudget
 from worker.lifecycle.features import encode_features
 from worker.model.loader import Launched, LoadedModel
@@ -117,6 +117,7 @@ class ScoringService:
             max_batch_size=max_batch_size or settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             on_broken=on_broken,
+            forward_timeout_s=settings.forward_timeout,
         )
         # One fetch pool per lane: a backfill's prefetched chunks must not queue ahead of an
         # interactive score_many before its images even reach the (two-lane) batcher.
@@ -139,11 +140,13 @@ class ScoringService:
         self.batcher.start()
         return self
 
-    def stop(self) -> None:
-        """Finish the queued work (fetches first, then the batches they feed), then stop."""
+    def stop(self, broken_timeout: float = 10.0) -> bool:
+        """Finish the queued work (fetches first, then the batches they feed), then stop. A
+        broken batcher (its forward may hang for ever) is waited for ``broken_timeout`` at most.
+        Returns whether the batcher thread has ended."""
         for pool in self._pools.values():
             pool.shutdown(wait=True)
-        self.batcher.stop()
+        return self.batcher.stop(broken_timeout if self.batcher.broken else None)
 
     @torch.inference_mode()
     def _stage(self, items: list[_Item]) -> _InFlight:
@@ -237,6 +240,8 @@ class ScoringService:
             prepared = prepare()
             sha256 = prepared.sha256
             score, features = self.infer(prepared, lane, with_features=with_features)
+        except ModelBroken:
+            raise  # not this image's fault: the task hands its work back to the queue
         except (MemoryError, torch.cuda.OutOfMemoryError) as error:
             # A batch of one that still does not fit, or a host allocation that failed.
             message = f"{type(error).__name__}: {error}"

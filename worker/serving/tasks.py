@@ -1,9 +1,9 @@
 """The Celery tasks. Importing this module registers them on ``shared.celery_app.app``.
 
 Tasks never raise for bad input: a malformed payload gives ``bad_request`` results and a bad image
-its own error result. Each task counts its deliveries (see ``worker.serving.attempts``) and gives up with
-``internal`` results once a message has been delivered more than ``MAX_ATTEMPTS`` times. A worker
-whose model has stopped working hands new tasks back to the queue instead of failing them.
+its own error result. What every delivery needs besides (requeue on a broken or stopping worker,
+delivery counting, the last attempts image by image, giving up, the result write) is the base
+class :class:`worker.serving.delivery.DeliveredTask`; the bodies here follow its :class:`Plan`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Reject
 
 from shared.celery_app import app
 from shared.errors import ErrorCode
@@ -20,21 +19,16 @@ from shared.results import Result
 from shared.task_names import BULK_QUEUE, EMBED, MAX_URIS_PER_TASK, SCORE, SCORE_MANY
 from worker.serving import metrics, runtime
 from worker.serving.batcher import Lane
+from worker.serving.delivery import DeliveredTask, Plan, check_not_draining, current_plan
 from worker.serving.service import ScoringService, embed_row
 
 Row = TypeVar("Row")
+CRASHED = "this image was being scored when its worker died on the task's last attempts"
 
 
 def _lane(task: Task) -> Lane:
     delivery = task.request.delivery_info or {}
     return Lane.BULK if delivery.get("routing_key") == BULK_QUEUE else Lane.INTERACTIVE
-
-
-def _service() -> ScoringService:
-    service = runtime.current().service
-    if not service.healthy:
-        raise Reject("this worker's model is failing; another worker takes the task", requeue=True)
-    return service
 
 
 def _errors(uris: list[Any], code: ErrorCode, reason: str) -> list[Result]:
@@ -43,23 +37,31 @@ def _errors(uris: list[Any], code: ErrorCode, reason: str) -> list[Result]:
     return [factory.error(uri, code, reason) for uri in uris]
 
 
-def _counted(task: Task, uris: list[Any], work: Callable[[], list[Row]], as_row: Callable[[Result], Row]) -> list[Row]:
-    """Run ``work`` unless this message already had its ``MAX_ATTEMPTS`` deliveries."""
-    counter = runtime.current().attempts
-    task_id = task.request.id
-    if counter is None or not task_id:
-        return work()
-    attempt = counter.record(task_id)
-    if counter.exhausted(attempt):
-        counter.done(task_id)
-        reason = (
-            f"given up after {attempt - 1} deliveries that never finished "
-            "(did this message crash its worker?)"
-        )
-        return [as_row(result) for result in _errors(uris, ErrorCode.INTERNAL, reason)]
-    outcome = work()
-    counter.done(task_id)
-    return outcome
+def _planned(
+    plan: Plan,
+    uris: list[Any],
+    one: Callable[[Any], Row],
+    batched: Callable[[Callable[[Any], Row], list[Any]], list[Row]],
+    as_row: Callable[[Result], Row],
+) -> list[Row]:
+    """``one`` over ``uris`` as the delivery's plan says: batched, image by image, or given up."""
+    if plan.give_up is not None:
+        return [as_row(result) for result in _errors(uris, ErrorCode.INTERNAL, plan.give_up)]
+    if not plan.careful:
+        def started(uri: Any) -> Row:
+            check_not_draining()  # a stopping worker hands back what it has not started
+            return one(uri)
+
+        return batched(started, uris)
+    rows: list[Row] = []
+    for index, uri in enumerate(uris):
+        if index in plan.poisoned:
+            rows.append(as_row(_errors([uri], ErrorCode.INTERNAL, CRASHED)[0]))
+            continue
+        check_not_draining()
+        plan.mark(index)
+        rows.append(one(uri))
+    return rows
 
 
 def _many(
@@ -70,7 +72,7 @@ def _many(
     one: Callable[[ScoringService, str, Lane], Row],
     as_row: Callable[[Result], Row],
 ) -> list[Row]:
-    """The shared body of ``score_many`` and ``embed``: validate, count, map ``one`` in order."""
+    """The shared body of ``score_many`` and ``embed``: validate, then map ``one`` in order."""
     problem = None
     if extra or kwargs:
         problem = "expected exactly one argument: a list of URIs"
@@ -81,7 +83,7 @@ def _many(
     if problem:
         listed = uris if isinstance(uris, list) else [uris]
         return [as_row(result) for result in _errors(listed, ErrorCode.BAD_REQUEST, problem)]
-    service = _service()
+    service = runtime.current().service
     lane = _lane(task)
 
     def each(uri: Any) -> Row:
@@ -90,30 +92,33 @@ def _many(
             return as_row(_errors([uri], ErrorCode.BAD_REQUEST, reason)[0])
         return one(service, uri, lane)
 
-    return _counted(task, uris, lambda: service.map(each, uris, lane), as_row)
+    return _planned(
+        current_plan(), uris, each, lambda function, items: service.map(function, items, lane), as_row
+    )
 
 
 def _as_result(result: Result) -> Result:
     return result
 
 
-@app.task(name=SCORE, bind=True)
+@app.task(name=SCORE, bind=True, base=DeliveredTask)
 def score(self: Task, uri: Any = None, *extra: Any, **kwargs: Any) -> Result:
     """One image -> one result dict."""
     if extra or kwargs or not isinstance(uri, str):
         return _errors([uri], ErrorCode.BAD_REQUEST, "expected exactly one argument: a URI string")[0]
-    service = _service()
+    service = runtime.current().service
     lane = _lane(self)
-    return _counted(self, [uri], lambda: [service.score_uri(uri, lane)], _as_result)[0]
+    one = lambda item: service.score_uri(item, lane)  # noqa: E731
+    return _planned(current_plan(), [uri], one, lambda f, items: [f(i) for i in items], _as_result)[0]
 
 
-@app.task(name=SCORE_MANY, bind=True)
+@app.task(name=SCORE_MANY, bind=True, base=DeliveredTask)
 def score_many(self: Task, uris: Any = None, *extra: Any, **kwargs: Any) -> list[Result]:
     """Up to 256 images -> their results, same order, batched together."""
     return _many(self, uris, extra, kwargs, lambda s, uri, lane: s.score_uri(uri, lane), _as_result)
 
 
-@app.task(name=EMBED, bind=True)
+@app.task(name=EMBED, bind=True, base=DeliveredTask)
 def embed(self: Task, uris: Any = None, *extra: Any, **kwargs: Any) -> list[dict]:
     """Pooled tower features for training: base64 little-endian float16, one row per URI."""
     return _many(self, uris, extra, kwargs, lambda s, uri, lane: s.embed_uri(uri, lane), embed_row)
