@@ -161,11 +161,30 @@ def test_attempt_counter_counts_expires_and_forgets() -> None:
     assert [counter.record("a") for _ in range(3)] == [1, 2, 3]
     assert counter.record("b") == 1  # per task id
     assert [counter.exhausted(n) for n in (1, 2, 3)] == [False, False, True]
+    assert [counter.careful(n) for n in (1, 2, 3)] == [False, True, True]
     assert 0 < store.ttl(KEY_PREFIX + "a") <= 600  # a crashed worker's count does not live forever
-    counter.done("a")
+    counter.done("a", 2)  # delivery 2 ends while delivery 3 still runs: its count stays
+    assert int(store.get(KEY_PREFIX + "a")) == 3
+    counter.done("a", 3)
     assert store.get(KEY_PREFIX + "a") is None
     assert counter.record("a") == 1
-    assert int(store.get(KEY_PREFIX + "b")) == 1
+    counter.hand_back("b")  # a broken worker gave it back: that delivery does not count
+    assert int(store.get(KEY_PREFIX + "b")) == 0
+
+
+def test_a_dead_runs_mark_becomes_poison_a_live_ones_does_not() -> None:
+    store = fakeredis.FakeRedis()
+    counter = AttemptCounter(store, max_attempts=2, ttl_seconds=600)
+    counter.mark("t", 7)
+    assert counter.poisoned("t", stale_after=60) == set()  # fresh: its run may be alive
+    assert counter.poisoned("t", stale_after=-1) == {7}  # stale: the run died at image 7
+    counter.mark("t", 9)
+    assert counter.poisoned("t", stale_after=-1) == {7, 9}
+    counter.dead_letter("t", "realscore.score_many", "why", ["/a.png"], 3)
+    from worker.serving.attempts import read_dead_letters
+
+    [entry] = read_dead_letters(store)
+    assert entry["task_id"] == "t" and entry["uris"] == ["/a.png"] and entry["reason"] == "why"
 
 
 def test_attempt_counting_needs_redis() -> None:

@@ -24,8 +24,6 @@ KEY_PREFIX = "realscore:attempts:"
 DEAD_LETTER_KEY = "realscore:dead-letter"
 DEAD_LETTER_CAP = 10_000
 
-# Delete the count only if no other delivery of the same id has counted since ours.
-_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1], KEYS[2], KEYS[3]) end return 0"
 
 
 class AttemptCounter:
@@ -66,25 +64,37 @@ class AttemptCounter:
     def done(self, task_id: str, attempt: int) -> None:
         """Our delivery finished: forget the id, unless a later delivery has counted since."""
         key = KEY_PREFIX + task_id
-        self._redis.eval(_DELETE_IF_EQUAL, 3, key, key + ":at", key + ":poison", attempt)
+
+        def forget(pipe: redis.client.Pipeline) -> None:  # WATCHed: a later INCR aborts it
+            if pipe.get(key) == str(attempt).encode():
+                pipe.multi()
+                pipe.delete(key, key + ":at", key + ":poison")
+
+        self._redis.transaction(forget, key)
 
     def hand_back(self, task_id: str) -> None:
         """This delivery did not really run (its worker was broken): do not count it."""
         self._redis.decr(KEY_PREFIX + task_id)
 
     def mark(self, task_id: str, index: int) -> None:
-        """Image ``index`` of the task is being scored now (careful runs only)."""
-        self._redis.set(KEY_PREFIX + task_id + ":at", index, ex=self.ttl_seconds)
+        """Image ``index`` of the task is being scored now (careful runs only); with the time,
+        so a later delivery can tell a dead run's mark from a live duplicate's."""
+        value = f"{index}:{time.time():.3f}"
+        self._redis.set(KEY_PREFIX + task_id + ":at", value, ex=self.ttl_seconds)
 
-    def poisoned(self, task_id: str) -> set[int]:
-        """The images that were being scored when this task's workers died; the mark a dead run
-        left (if any) is added to them."""
+    def poisoned(self, task_id: str, stale_after: float) -> set[int]:
+        """The images that were being scored when this task's workers died. A mark older than
+        ``stale_after`` seconds was left by a run that died (a live careful run refreshes it at
+        every image): it joins the poisoned set. A fresh one belongs to a run still going."""
         key = KEY_PREFIX + task_id
-        at = self._redis.getdel(key + ":at")
+        raw = self._redis.get(key + ":at")
         with self._redis.pipeline() as pipe:
-            if at is not None:
-                pipe.sadd(key + ":poison", int(at))
-                pipe.expire(key + ":poison", self.ttl_seconds)
+            if raw is not None:
+                index, _, stamp = raw.decode().partition(":")
+                if time.time() - float(stamp or 0) > stale_after:
+                    pipe.delete(key + ":at")
+                    pipe.sadd(key + ":poison", int(index))
+                    pipe.expire(key + ":poison", self.ttl_seconds)
             pipe.smembers(key + ":poison")
             members = pipe.execute()[-1]
         return {int(member) for member in members}

@@ -97,7 +97,8 @@ class DeliveredTask(Task):
         counter = runtime.current().attempts
         if attempt is None or counter is None or not task_id or not counter.careful(attempt):
             return Plan(attempt=attempt or 0)
-        poisoned = _safely(lambda: counter.poisoned(task_id), set())
+        stale = runtime.current().service.settings.visibility_timeout / 2
+        poisoned = _safely(lambda: counter.poisoned(task_id, stale), set())
         if counter.exhausted(attempt) and not poisoned:
             reason = (
                 f"given up after {attempt - 1} deliveries that never finished "

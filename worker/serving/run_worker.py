@@ -150,8 +150,10 @@ def serve(settings: Settings, extra: list[str]) -> int:
         print(f"realscore worker: {error}", file=sys.stderr)
         return EXIT_FAILURE
     log.info("results are stamped %s", service.results.model)
+    # Deliveries are counted in the broker's Redis, or the result backend's with RabbitMQ.
+    bookkeeping = settings.broker_url if settings.broker_url.startswith("redis") else settings.result_backend
     attempts = AttemptCounter.from_url(
-        settings.broker_url, settings.max_attempts, settings.visibility_timeout * (settings.max_attempts + 1)
+        bookkeeping, settings.max_attempts, settings.visibility_timeout * (settings.max_attempts + 1)
     )
     runtime.install(runtime.WorkerRuntime(service, attempts))
     if settings.metrics_port:

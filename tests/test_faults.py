@@ -1,0 +1,274 @@
+"""Faults lose nothing: real ``realscore worker`` processes (with faults injected by
+``tests.fault_worker``), a private ``redis-server`` per test, and RabbitMQ where it runs.
+
+Every wait is a bounded poll; no assertion depends on how fast anything ran. Timeouts are set
+short for the tests (a 10 s visibility timeout, a 2.5 s forward deadline, two attempts).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from shared.task_names import BULK_QUEUE, INTERACTIVE_QUEUE, SCORE, SCORE_MANY
+from tests.processes import WorkerProcess, free_port, wait_until
+from tests.tiny_clip import noise_image
+from tests.worker_helpers import private_redis
+from worker.serving.attempts import read_dead_letters
+
+pytestmark = [
+    pytest.mark.integration,
+    # AsyncResults of a private Redis may be collected after it is gone: harness noise.
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+START = 120
+SHORT = {
+    "REALSCORE_VISIBILITY_TIMEOUT": "10",
+    "REALSCORE_FETCH_TIMEOUT": "2",
+    "REALSCORE_FORWARD_TIMEOUT": "2.5",
+    "REALSCORE_MAX_ATTEMPTS": "2",
+}
+RABBIT = ("127.0.0.1", 5672)
+
+
+def _rabbit_usable() -> bool:
+    try:
+        socket.create_connection(RABBIT, timeout=1).close()
+    except OSError:
+        return False
+    return shutil.which("rabbitmqctl") is not None
+
+
+@contextmanager
+def rabbit_vhost() -> Iterator[str]:
+    """A fresh RabbitMQ vhost (so parallel runs never share queues); yields the broker URL."""
+    if not _rabbit_usable():
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672 (or no rabbitmqctl)")
+    name = f"realscore-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "add_vhost", name], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+        check=True, capture_output=True, timeout=60,
+    )
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+@contextmanager
+def brokers(kind: str) -> Iterator[tuple[str, str]]:
+    """(broker URL, result backend URL): a private Redis for both, or RabbitMQ + that Redis."""
+    with private_redis() as results:
+        if kind == "redis":
+            yield results, results
+        else:
+            with rabbit_vhost() as broker:
+                yield broker, results
+
+
+def make_app(broker: str, backend: str) -> Celery:
+    from shared.celery_app import configure
+    from shared.settings import load_settings
+
+    app = configure(Celery("realscore-faults"), load_settings(broker_url=broker, result_backend=backend))
+    app.conf.result_backend_transport_options = {
+        **app.conf.result_backend_transport_options, "retry_policy": {"max_retries": 0}
+    }
+    return app
+
+
+def fault_worker(worker_env: dict, broker: str, backend: str, log: Path, *args: str, **env: str) -> WorkerProcess:
+    merged = {**worker_env, **SHORT, "REALSCORE_BROKER_URL": broker, "REALSCORE_RESULT_BACKEND": backend}
+    merged.pop("REALSCORE_METRICS_PORT", None)
+    merged.update(env)
+    process = WorkerProcess(merged, log, extra_args=["--concurrency", "8", "--without-mingle", "--without-gossip", *args])
+    process.args[process.args.index("shared.cli")] = "tests.fault_worker"
+    return process
+
+
+def kill(process: WorkerProcess) -> None:
+    os.killpg(process.process.pid, signal.SIGKILL)
+    process.process.wait(10)
+
+
+def active_on(app: Celery, node: str) -> int:
+    reply = app.control.inspect([node], timeout=1).active() or {}
+    return len(reply.get(node, []))
+
+
+@pytest.fixture(scope="module")
+def pictures(served_dir: Path) -> list[str]:
+    folder = served_dir / "faults"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i in range(4):
+        noise_image(70 + i, (64 + 8 * i, 56)).save(folder / f"f{i}.png")
+        paths.append(str(folder / f"f{i}.png"))
+    return paths
+
+
+def consistent(results: list[dict]) -> None:
+    """Every image scored, and the same image always got the same score (no two different
+    answers for one piece of work)."""
+    assert all(r["ok"] for r in results), [r for r in results if not r["ok"]][:3]
+    by_uri: dict[str, set[float]] = {}
+    for r in results:
+        by_uri.setdefault(r["uri"], set()).add(round(r["score"], 4))
+    assert all(len(scores) == 1 for scores in by_uri.values()), by_uri
+
+
+# A worker killed mid-run ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_sigkill_one_of_two_workers_loses_nothing(kind: str, worker_env: dict, pictures: list[str], tmp_path: Path) -> None:
+    with brokers(kind) as (broker, backend):
+        app = make_app(broker, backend)
+        # The victim's batches wait 10 s to fill, so it is holding work when it dies; the
+        # survivor also runs out of memory above 4 images a batch and must shrink, not fail.
+        victim = fault_worker(
+            worker_env, broker, backend, tmp_path / "victim.log",
+            REALSCORE_MAX_WAIT_MS="10000", REALSCORE_MAX_BATCH_SIZE="64",
+        ).start()
+        survivor = fault_worker(worker_env, broker, backend, tmp_path / "survivor.log", FAULT_FORWARD="oom-above:4").start()
+        try:
+            victim.wait_ready(app, START)
+            survivor.wait_ready(app, START)
+            for queue in (INTERACTIVE_QUEUE, BULK_QUEUE):  # the survivor waits, the victim takes all
+                app.control.cancel_consumer(queue, destination=[survivor.node], reply=True, timeout=5)
+            singles = [app.send_task(SCORE, args=[pictures[i % 4]]) for i in range(12)]
+            chunks = [
+                app.send_task(SCORE_MANY, args=[[pictures[(i + j) % 4] for j in range(40)]], queue=BULK_QUEUE)
+                for i in range(3)
+            ]
+            wait_until(lambda: active_on(app, victim.node) >= 8, 60, "the victim holds tasks")
+            kill(victim)
+            for queue in (INTERACTIVE_QUEUE, BULK_QUEUE):
+                app.control.add_consumer(queue, destination=[survivor.node], reply=True, timeout=5)
+            timeout = 10 + 60  # the visibility timeout plus their own work, generously
+            results = [h.get(timeout=timeout) for h in singles]
+            for handle in chunks:
+                results.extend(handle.get(timeout=timeout))
+        finally:
+            victim.stop()
+            code = survivor.stop()
+        assert len(results) == 12 + 3 * 40
+        consistent(results)
+        assert code == 0, survivor.log()
+        assert "effective max batch size" in survivor.log()
+        assert "succeeded" not in victim.log()  # everything was answered by the survivor
+
+
+# A broken or hung model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["fail", "hang"])
+def test_a_broken_model_requeues_its_work_and_exits_nonzero(fault: str, worker_env: dict, pictures: list[str], tmp_path: Path) -> None:
+    trigger = tmp_path / "trigger"
+    with private_redis() as url:
+        app = make_app(url, url)
+        sick = fault_worker(
+            worker_env, url, url, tmp_path / "sick.log",
+            FAULT_FORWARD=fault, FAULT_TRIGGER=str(trigger), REALSCORE_MAX_WAIT_MS="2000",
+        ).start()
+        healthy = fault_worker(worker_env, url, url, tmp_path / "healthy.log")
+        try:
+            sick.wait_ready(app, START)
+            assert app.send_task(SCORE, args=[pictures[0]]).get(timeout=60)["ok"]  # it worked once
+            trigger.touch()  # from now on every forward fails (or hangs)
+            singles = [app.send_task(SCORE, args=[pictures[i % 4]]) for i in range(6)]
+            chunk = app.send_task(SCORE_MANY, args=[pictures * 5])
+            code = sick.process.wait(60)  # it stops by itself
+            assert code != 0, sick.log()
+            assert "the model is broken" in sick.log()
+            healthy.start().wait_ready(app, START)
+            results = [h.get(timeout=60) for h in singles] + chunk.get(timeout=60)
+        finally:
+            sick.stop()
+            healthy.stop()
+        consistent(results)  # none of them became an `internal` error
+        assert len(results) == 6 + 20
+        assert read_dead_letters(redis.Redis.from_url(url)) == []
+
+
+# A poison image ---------------------------------------------------------------------------------
+
+
+def test_a_uri_that_kills_its_worker_fails_alone_in_its_chunk(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
+    poison = served_dir / "faults" / "crash-worker.png"
+    noise_image(99, (64, 64)).save(poison)
+    uris = [pictures[i % 4] for i in range(256)]
+    uris[100] = str(poison)
+    with private_redis() as url:
+        app = make_app(url, url)
+        store = redis.Redis.from_url(url)
+        starts = 0
+
+        def new_worker() -> WorkerProcess:
+            nonlocal starts
+            starts += 1
+            return fault_worker(
+                worker_env, url, url, tmp_path / f"w{starts}.log", FAULT_EXIT_URI="crash-worker",
+                REALSCORE_MAX_WAIT_MS="5",  # image by image: no waiting for company
+            ).start()
+
+        current = new_worker()
+        try:
+            current.wait_ready(app, START)
+            handle = app.send_task(SCORE_MANY, args=[uris])
+
+            def answered() -> bool:
+                nonlocal current
+                if current.process.poll() is not None:  # a supervisor restarts what died
+                    current = new_worker()
+                return AsyncResult(handle.id, app=app).ready()
+
+            wait_until(answered, 180, "the chunk answered")
+            rows = handle.get(timeout=5)
+        finally:
+            current.stop()
+        assert starts == 3  # delivery 1 crashed, the careful last attempt crashed at the poison
+        failed = [(i, row["error"]) for i, row in enumerate(rows) if not row["ok"]]
+        assert [i for i, _ in failed] == [100], failed[:5]
+        assert rows[100]["error"]["code"] == "internal" and "died" in rows[100]["error"]["message"]
+        assert sum(row["ok"] for row in rows) == 255
+        letters = read_dead_letters(store)
+        assert [(entry["task_id"], entry["uris"]) for entry in letters] == [(handle.id, [str(poison)])]
+        store.close()
+
+
+# Deploys ------------------------------------------------------------------------------------------
+
+
+def test_warm_shutdown_hands_back_unstarted_images_at_once(worker_env: dict, pictures: list[str], tmp_path: Path) -> None:
+    with private_redis() as url:
+        app = make_app(url, url)
+        # Two threads and a 1 s batch window: a 256-image chunk would take minutes.
+        process = fault_worker(worker_env, url, url, tmp_path / "w.log", "--concurrency", "2", REALSCORE_MAX_WAIT_MS="1000").start()
+        try:
+            process.wait_ready(app, START)
+            handle = app.send_task(SCORE_MANY, args=[[pictures[i % 4] for i in range(256)]])
+            wait_until(lambda: active_on(app, process.node) == 1, 60, "the chunk started")
+            process.process.send_signal(signal.SIGTERM)
+            code = process.process.wait(60)
+        finally:
+            process.stop()
+        assert code == 0, process.log()
+        broker = redis.Redis.from_url(url)
+        assert broker.llen(INTERACTIVE_QUEUE) == 1, process.log()  # back in the queue, whole
+        assert not broker.hlen("unacked")
+        assert AsyncResult(handle.id, app=app).state != "SUCCESS"
+        broker.close()
