@@ -176,10 +176,17 @@ def test_a_dead_runs_mark_becomes_poison_a_live_ones_does_not() -> None:
     store = fakeredis.FakeRedis()
     counter = AttemptCounter(store, max_attempts=2, ttl_seconds=600)
     counter.mark("t", 7)
-    assert counter.poisoned("t", stale_after=60) == set()  # fresh: its run may be alive
-    assert counter.poisoned("t", stale_after=-1) == {7}  # stale: the run died at image 7
+    import threading
+
+    moving = threading.Timer(0.2, lambda: counter.mark("t", 8))  # a live run moves on
+    moving.start()
+    assert counter.poisoned("t", stale_after=30) == (set(), True, None)
+    moving.join()
+    counter.mark("t", 7)
+    assert counter.poisoned("t", stale_after=-1) == ({7}, False, 7)  # stale: it died at image 7
     counter.mark("t", 9)
-    assert counter.poisoned("t", stale_after=-1) == {7, 9}
+    assert counter.poisoned("t", stale_after=-1) == ({7, 9}, False, 9)
+    assert counter.poisoned("t", stale_after=-1) == ({7, 9}, False, None)  # reported once
     counter.dead_letter("t", "realscore.score_many", "why", ["/a.png"], 3)
     from worker.serving.attempts import read_dead_letters
 

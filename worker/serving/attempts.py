@@ -82,22 +82,36 @@ class AttemptCounter:
         value = f"{index}:{time.time():.3f}"
         self._redis.set(KEY_PREFIX + task_id + ":at", value, ex=self.ttl_seconds)
 
-    def poisoned(self, task_id: str, stale_after: float) -> set[int]:
-        """The images that were being scored when this task's workers died. A mark older than
-        ``stale_after`` seconds was left by a run that died (a live careful run refreshes it at
-        every image): it joins the poisoned set. A fresh one belongs to a run still going."""
+    def poisoned(self, task_id: str, stale_after: float) -> tuple[set[int], bool, int | None]:
+        """The images that were being scored when this task's workers died, whether another
+        careful run of it is alive (Redis redelivered it meanwhile), and the image found
+        poisoned just now (``None`` if none).
+
+        A live careful run refreshes its mark at every image, so at least every ``stale_after``
+        seconds (a fetch plus a forward). A mark that has not moved for longer was left by a run
+        that died: its image joins the poisoned set. A fresher one is watched until it moves
+        (alive) or grows stale (dead), so a crash is never mistaken for a slow run or back."""
         key = KEY_PREFIX + task_id
         raw = self._redis.get(key + ":at")
+        live = False
+        while raw is not None:
+            age = time.time() - float(raw.decode().partition(":")[2] or 0)
+            if age > stale_after:
+                break
+            time.sleep(min(0.5, stale_after - age + 0.01))  # polling a mark, bounded by stale_after
+            again = self._redis.get(key + ":at")
+            if again != raw:
+                live = again is not None
+                raw = None
+        newly = None if raw is None else int(raw.decode().partition(":")[0])
         with self._redis.pipeline() as pipe:
-            if raw is not None:
-                index, _, stamp = raw.decode().partition(":")
-                if time.time() - float(stamp or 0) > stale_after:
-                    pipe.delete(key + ":at")
-                    pipe.sadd(key + ":poison", int(index))
-                    pipe.expire(key + ":poison", self.ttl_seconds)
+            if newly is not None:  # stale: a dead run's last image
+                pipe.delete(key + ":at")
+                pipe.sadd(key + ":poison", newly)
+                pipe.expire(key + ":poison", self.ttl_seconds)
             pipe.smembers(key + ":poison")
             members = pipe.execute()[-1]
-        return {int(member) for member in members}
+        return {int(member) for member in members}, live, newly
 
     def dead_letter(self, task_id: str, task_name: str, reason: str, uris: list, attempt: int) -> None:
         """Record a given-up task (or images of one) where operators can read it."""

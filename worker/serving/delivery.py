@@ -97,20 +97,22 @@ class DeliveredTask(Task):
         counter = runtime.current().attempts
         if attempt is None or counter is None or not task_id or not counter.careful(attempt):
             return Plan(attempt=attempt or 0)
-        stale = runtime.current().service.settings.visibility_timeout / 2
-        poisoned = _safely(lambda: counter.poisoned(task_id, stale), set())
-        if counter.exhausted(attempt) and not poisoned:
+        settings = runtime.current().service.settings
+        # A live careful run marks each image: at most a fetch and, queued behind one batch, two
+        # forward passes apart.
+        stale = settings.fetch_timeout + 2 * settings.forward_timeout + 1.0
+        poisoned, live, newly = _safely(lambda: counter.poisoned(task_id, stale), (set(), False, None))
+        if counter.exhausted(attempt) and not poisoned and not live:
             reason = (
                 f"given up after {attempt - 1} deliveries that never finished "
                 "(did this message crash its worker?)"
             )
             _safely(lambda: counter.dead_letter(task_id, self.name, reason, _uris(args), attempt), None)
             return Plan(give_up=reason, attempt=attempt)
-        if poisoned:
-            uris = _uris(args)
-            named = [uris[i] for i in sorted(poisoned) if i < len(uris)]
-            reason = f"image(s) {sorted(poisoned)} were being scored when their worker died"
-            _safely(lambda: counter.dead_letter(task_id, self.name, reason, named, attempt), None)
+        uris = _uris(args)
+        if newly is not None and newly < len(uris):
+            reason = f"image {newly} was being scored when its worker died (delivery {attempt - 1})"
+            _safely(lambda: counter.dead_letter(task_id, self.name, reason, [uris[newly]], attempt), None)
         log.warning("task %s: delivery %d, scoring image by image", task_id, attempt)
         return Plan(
             careful=True,
