@@ -66,7 +66,10 @@ def configure(app: Celery, settings: Settings) -> Celery:
         task_create_missing_queues=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
-        task_track_started=True,
+        # No STARTED write before each task: under `noeviction` a full Redis would fail it before
+        # our code runs, and Celery would acknowledge the message as failed (lost). Flower sees
+        # task-started events anyway.
+        task_track_started=False,
         result_expires=settings.result_expires,
         # Not extended: a 256-URI chunk's arguments would be stored a second time with its
         # result (Flower has them from the task events already).

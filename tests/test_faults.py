@@ -274,3 +274,82 @@ def test_warm_shutdown_hands_back_unstarted_images_at_once(worker_env: dict, pic
         assert not broker.hlen("unacked")
         assert AsyncResult(handle.id, app=app).state != "SUCCESS"
         broker.close()
+
+
+# Redis restarted mid-run ------------------------------------------------------------------------
+
+
+@contextmanager
+def persistent_redis(folder: Path) -> Iterator[tuple[str, callable]]:
+    """A ``redis-server`` run as compose runs it (append-only, ``noeviction``) in ``folder``;
+    yields its URL and a function that restarts it on the same port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    command = [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+        "--appendonly", "yes", "--maxmemory", "256mb", "--maxmemory-policy", "noeviction", "--save", "",
+    ]
+    url = f"redis://127.0.0.1:{port}/0"
+    state = {"process": None}
+
+    def up() -> None:
+        state["process"] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(url)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:  # not listening yet, or still loading the append-only file
+                return False
+
+        wait_until(answers, 20, "redis-server up")
+        client.close()
+
+    def restart() -> None:
+        state["process"].terminate()  # a clean stop: the append-only file is flushed
+        state["process"].wait(20)
+        up()
+
+    up()
+    try:
+        yield url, restart
+    finally:
+        state["process"].terminate()
+        state["process"].wait(20)
+
+
+def test_a_redis_restart_mid_run_loses_nothing(worker_env: dict, pictures: list[str], tmp_path: Path) -> None:
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    with persistent_redis(data) as (url, restart):
+        from shared.celery_app import configure
+        from shared.settings import load_settings
+
+        app = configure(Celery("realscore-restart"), load_settings(broker_url=url, result_backend=url))
+        process = fault_worker(worker_env, url, url, tmp_path / "w.log", REALSCORE_MAX_WAIT_MS="1000").start()
+        try:
+            process.wait_ready(app, START)
+            before = [app.send_task(SCORE, args=[pictures[i % 4]]) for i in range(8)]
+            before.append(app.send_task(SCORE_MANY, args=[pictures * 16]))
+            restart()
+            during = [app.send_task(SCORE, args=[pictures[i % 4]]) for i in range(4)]
+            def pong() -> bool:
+                try:
+                    return bool(app.control.ping(destination=[process.node], timeout=1))
+                except (redis.ConnectionError, OSError):  # our control connection from before the restart
+                    return False
+
+            wait_until(pong, 60, "worker reconnected")
+            after = [app.send_task(SCORE_MANY, args=[pictures * 4]) for _ in range(2)]
+            # Callers' timeouts exceed the restart plus the visibility timeout (10 s).
+            results = []
+            for handle in before + during + after:
+                value = handle.get(timeout=90)
+                results.extend(value if isinstance(value, list) else [value])
+        finally:
+            code = process.stop()
+        assert len(results) == 8 + 64 + 4 + 2 * 16
+        consistent(results)
+        assert code == 0, process.log()

@@ -286,13 +286,13 @@ def test_warm_shutdown_finishes_the_tasks_in_flight(private_worker) -> None:
         process.start()
     process.wait_ready(app, START_TIMEOUT)
     handles = [app.send_task(SCORE, args=[uri]) for uri in images]
-    # All four run (STARTED) and wait in the batcher for its 10 s window to close; the warm
+    # All four run (active) and wait in the batcher for its 10 s window to close; the warm
     # shutdown must flush that batch at once rather than wait it out or drop it.
-    wait_until(
-        lambda: all(AsyncResult(h.id, app=app).state == "STARTED" for h in handles),
-        30,
-        "tasks started",
-    )
+    def running() -> int:
+        reply = app.control.inspect([process.node], timeout=1).active() or {}
+        return len(reply.get(process.node, []))
+
+    wait_until(lambda: running() == len(handles), 30, "tasks started")
     assert not any(AsyncResult(h.id, app=app).ready() for h in handles)
 
     process.process.send_signal(signal.SIGTERM)
