@@ -164,7 +164,10 @@ def main() -> int:
         began = time.monotonic()
         for thread in threads:
             thread.start()
-        time.sleep(args.seconds)  # the soak's duration
+        samples: list[tuple[float, list[float]]] = []
+        while time.monotonic() - began < args.seconds:  # the soak's duration, RSS every 15 s
+            time.sleep(min(15, max(0.0, args.seconds - (time.monotonic() - began))))
+            samples.append((time.monotonic() - began, [rss_mib(w.pid) for w in workers]))
         stop.set()
         for thread in threads:
             thread.join(args.timeout + 10)
@@ -192,8 +195,14 @@ def main() -> int:
     print()
     print(f"tasks sent {sent}, answered {answered}, lost {sent - answered}")
     print(f"images answered {tally.images} ({tally.images / elapsed:.1f} images/s); error results by code: {tally.errors}")
-    for n, (a, b) in enumerate(zip(rss_start, rss_end)):
-        print(f"worker {n}: RSS {a:.0f} MiB after warm-up -> {b:.0f} MiB at the end ({(b - a) / a * 100:+.1f} %)")
+    # Thread pools and allocator arenas fill during the first minutes of load: growth is also
+    # given from the first quarter of the run on, where a leak would still show.
+    quarter = next((rss for at, rss in samples if at >= elapsed / 4), rss_start)
+    for n, (a, q, b) in enumerate(zip(rss_start, quarter, rss_end)):
+        print(f"worker {n}: RSS {a:.0f} MiB after warm-up, {q:.0f} MiB at a quarter, {b:.0f} MiB at the end "
+              f"({(b - a) / a * 100:+.1f} % from warm-up, {(b - q) / q * 100:+.1f} % from a quarter)")
+    print("RSS samples (s: MiB per worker): " + ", ".join(
+        f"{at:.0f}: {'/'.join(f'{r:.0f}' for r in rss)}" for at, rss in samples))
     print(f"worker exit codes after SIGTERM: {codes}")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if sent == answered else 1
