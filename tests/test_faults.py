@@ -133,6 +133,7 @@ def consistent(results: list[dict]) -> None:
 # A worker killed mid-run ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
 def test_sigkill_one_of_two_workers_loses_nothing(kind: str, worker_env: dict, pictures: list[str], tmp_path: Path) -> None:
     with brokers(kind) as (broker, backend):
@@ -162,10 +163,19 @@ def test_sigkill_one_of_two_workers_loses_nothing(kind: str, worker_env: dict, p
             results = [h.get(timeout=timeout) for h in singles]
             for handle in chunks:
                 results.extend(handle.get(timeout=timeout))
+            # The web backend's client works on this broker too.
+            from shared import client
+
+            original, client.app = client.app, app
+            try:
+                results.append(client.score(pictures[0], timeout=60))
+                results.extend(client.score_many(pictures * 70, timeout=120))  # two tasks
+            finally:
+                client.app = original
         finally:
             victim.stop()
             code = survivor.stop()
-        assert len(results) == 12 + 3 * 40
+        assert len(results) == 12 + 3 * 40 + 1 + 280
         consistent(results)
         assert code == 0, survivor.log()
         assert "effective max batch size" in survivor.log()
@@ -207,6 +217,7 @@ def test_a_broken_model_requeues_its_work_and_exits_nonzero(fault: str, worker_e
 # A poison image ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_uri_that_kills_its_worker_fails_alone_in_its_chunk(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
     poison = served_dir / "faults" / "crash-worker.png"
     noise_image(99, (64, 64)).save(poison)
