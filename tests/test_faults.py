@@ -178,7 +178,7 @@ def test_sigkill_one_of_two_workers_loses_nothing(kind: str, worker_env: dict, p
         assert len(results) == 12 + 3 * 40 + 1 + 280
         consistent(results)
         assert code == 0, survivor.log()
-        assert "effective max batch size" in survivor.log()
+        assert "max batch size is now" in survivor.log()
         assert "succeeded" not in victim.log()  # everything was answered by the survivor
 
 
