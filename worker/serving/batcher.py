@@ -274,9 +274,12 @@ class DynamicBatcher(Generic[Item, Output]):
 
     def _count_failure(self, error: BaseException, batch: list[_Pending]) -> None:
         self._failed_in_a_row += 1
-        if self._model_is_broken():
+        # Out of memory for one item is that item's size (it gets `out_of_memory`), not a broken
+        # model: no probe for it, only the count of whole batches failing in a row.
+        out_of_memory = isinstance(error, self._split_on)
+        if not out_of_memory and self._model_is_broken():
             self._declare_broken(error, f"a batch of {len(batch)} failed and so did the probe", batch)
-        elif self._last_good is None and self._failed_in_a_row >= self._broken_after:
+        elif (out_of_memory or self._last_good is None) and self._failed_in_a_row >= self._broken_after:
             # Nothing has ever gone through this model, so there is no probe: count instead.
             self._declare_broken(error, f"{self._failed_in_a_row} batches in a row failed entirely", batch)
 
