@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--gpus", default=None, help="one worker process per GPU: '0,1' or 'all'"
     )
+    worker.add_argument(
+        "--procs-per-gpu", type=int, default=1, metavar="N",
+        help="N worker processes per GPU (or on the configured device without --gpus), "
+        "each with its own model and batcher",
+    )
     worker.set_defaults(
         handler=_delegate("worker.serving.run_worker"), passthrough=True, own_help=worker.format_help
     )
