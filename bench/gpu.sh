@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One prepared run of the benchmarks on a GPU machine, at most ~5 minutes of wall time.
+#
+#   bash bench/gpu.sh [OUTDIR]          # OUTDIR defaults to $OUT, else /tmp/realscore-gpu
+#
+# Runs, each under its own time cap so the whole fits in 5 minutes:
+#   1. `pytest -m gpu` on the test files that carry the mark (summary line -> pytest-gpu.txt);
+#   2. bench/preprocess.py  --tower large14 --device cuda  (-> preprocess.md);
+#   3. bench/pipeline.py    --tower large14 --device cuda, decode modes gpu and exact,
+#      --procs-per-gpu 1 and 4 (-> pipeline.md).
+# Each table row is written to OUTDIR as soon as it is measured, and everything is printed.
+#
+# The GPU machine has torch, torchvision, transformers, Pillow, numpy and prometheus-client but no
+# Celery, Redis, boto3 or pydantic and no registry. They travel with the checkout:
+#   .whl/    py3.12 manylinux wheels of every missing package (installed into /tmp/site here)
+#   .redis/  Debian's redis-server plus the shared libraries it links, run with LD_LIBRARY_PATH
+# (both git-ignored: name them in the device tool's `carry`).
+#
+# Knobs (environment): REALSCORE_BENCH_DEVICE (cuda), REALSCORE_BENCH_TOWER (large14),
+# REALSCORE_BENCH_DECODE (gpu,exact), REALSCORE_BENCH_PROCS (1,4), REALSCORE_BENCH_IMAGES (1024),
+# REALSCORE_BENCH_SECONDS (6), REALSCORE_BENCH_PYTHON (python3), REALSCORE_BENCH_CARRY_DIR (the
+# repo root: where .whl/ and .redis/ are), REALSCORE_BENCH_BUDGET_S (290). A CPU rehearsal:
+#   REALSCORE_BENCH_DEVICE=cpu REALSCORE_BENCH_TOWER=tiny bash bench/gpu.sh /tmp/gpuout
+set -u
+began=$(date +%s)
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUTDIR=${1:-${OUT:-/tmp/realscore-gpu}}
+mkdir -p "$OUTDIR"
+DEVICE=${REALSCORE_BENCH_DEVICE:-cuda}
+TOWER=${REALSCORE_BENCH_TOWER:-large14}
+DECODE=${REALSCORE_BENCH_DECODE:-gpu,exact}
+PROCS=${REALSCORE_BENCH_PROCS:-1,4}
+IMAGES=${REALSCORE_BENCH_IMAGES:-1024}
+SECONDS_EACH=${REALSCORE_BENCH_SECONDS:-6}
+PY=${REALSCORE_BENCH_PYTHON:-python3}
+CARRY=${REALSCORE_BENCH_CARRY_DIR:-$REPO}
+BUDGET=${REALSCORE_BENCH_BUDGET_S:-290}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+LOG="$OUTDIR/gpu-sh.log"
+say() { echo "[gpu.sh $(($(date +%s) - began))s] $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET - ($(date +%s) - began))); }
+
+# 1. Packages: install the carried wheels where the machine lacks them.
+if "$PY" -c 'import celery, kombu, redis, pydantic_settings, boto3' 2>/dev/null; then
+    export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+    say "celery, redis, pydantic-settings, boto3 already importable: no wheels installed"
+else
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$CARRY"/.whl/*.whl && export PYTHONPATH=/tmp/site:$REPO || {
+        say "FAILED: installing $CARRY/.whl"; exit 1; }
+    "$PY" -c 'import celery, kombu, redis, pydantic_settings, boto3' || {
+        say "FAILED: carried packages do not import"; exit 1; }
+    say "installed $(ls "$CARRY"/.whl/*.whl | wc -l) carried wheels into /tmp/site"
+fi
+
+# 2. redis-server: the carried one (with its libraries) if there is one, else the PATH's.
+if [ -x "$CARRY/.redis/redis-server" ]; then
+    mkdir -p /tmp/realscore-redis
+    cat >/tmp/realscore-redis/redis-server <<EOF
+#!/bin/sh
+LD_LIBRARY_PATH="$CARRY/.redis/lib" exec "$CARRY/.redis/redis-server" "\$@"
+EOF
+    chmod +x /tmp/realscore-redis/redis-server
+    export REALSCORE_BENCH_REDIS_SERVER=/tmp/realscore-redis/redis-server
+fi
+"${REALSCORE_BENCH_REDIS_SERVER:-redis-server}" --version 2>&1 | tee -a "$LOG" || {
+    say "FAILED: no runnable redis-server"; exit 1; }
+{ "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'; nproc; } 2>&1 | tee -a "$LOG"
+
+# 3. The GPU tests (files with the gpu mark only: the others need moto, fakeredis...).
+gpu_tests=$(grep -l 'mark.gpu' tests/test_*.py 2>/dev/null | tr '\n' ' ')
+if [ -n "$gpu_tests" ]; then
+    say "pytest -m gpu $gpu_tests"
+    timeout -k 5 45 "$PY" -m pytest -q -p no:cacheprovider -m gpu -o addopts= $gpu_tests \
+        >"$OUTDIR/pytest-gpu.log" 2>&1
+    say "pytest -m gpu exit $?: $(tail -n 1 "$OUTDIR/pytest-gpu.log")"
+    tail -n 1 "$OUTDIR/pytest-gpu.log" >"$OUTDIR/pytest-gpu.txt"
+else
+    say "no test file carries the gpu mark" | tee "$OUTDIR/pytest-gpu.txt"
+fi
+
+# 4. Preprocessing modes (capped so the pipeline keeps its share of the budget).
+if [ -f bench/preprocess.py ]; then
+    cap=$(( $(left) - 170 )); [ "$cap" -gt 75 ] && cap=75
+    if [ "$cap" -ge 20 ]; then
+        say "bench/preprocess.py (cap ${cap}s)"
+        timeout -k 5 "$cap" "$PY" bench/preprocess.py --tower "$TOWER" --device "$DEVICE" \
+            --out "$OUTDIR/preprocess.md" 2>&1 | tee -a "$LOG"
+        say "preprocess.py exit ${PIPESTATUS[0]}"
+    else
+        say "skipped bench/preprocess.py: ${cap}s left for it"
+    fi
+else
+    say "bench/preprocess.py is not in this checkout"
+fi
+
+# 5. The pipeline, layer by layer, with what is left.
+cap=$(( $(left) - 5 ))
+if [ "$cap" -ge 30 ]; then
+    say "bench/pipeline.py (cap ${cap}s)"
+    timeout -k 10 "$cap" "$PY" bench/pipeline.py --tower "$TOWER" --device "$DEVICE" \
+        --decode "$DECODE" --procs-per-gpu "$PROCS" --images "$IMAGES" --seconds "$SECONDS_EACH" \
+        --start-timeout 120 --out "$OUTDIR/pipeline.md" 2>&1 | tee -a "$LOG"
+    say "pipeline.py exit ${PIPESTATUS[0]}"
+else
+    say "skipped bench/pipeline.py: ${cap}s left for it"
+fi
+
+say "done in $(($(date +%s) - began)) s; tables:"
+cat "$OUTDIR"/pytest-gpu.txt "$OUTDIR"/preprocess.md "$OUTDIR"/pipeline.md 2>/dev/null
