@@ -151,7 +151,7 @@ def test_the_setting_turns_the_cache_on(loaded_model) -> None:
         loaded_model, load_settings(cache_url="redis://127.0.0.1:1/3", cache_ttl=60), local_roots=None
     )
     assert service.cache is not None and service.cache.ttl_s == 60
-    assert service.cache.namespace == cache_namespace(loaded_model.model_id, "float32", service.decode_mode)
+    assert service.cache.namespace == cache_namespace(service.results.model, "float32", service.decode_mode)
     service.cache.close()
 
 
