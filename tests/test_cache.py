@@ -1,11 +1,10 @@
 """The result cache: identical bytes are scored once, the key carries everything that changes the
-score, threshold and label are applied on the way out, and a failing cache never fails a score."""
+score, threshold and label are applied on the way out, and a failing cache never fails a score.
+The integration test with real worker processes is in test_procs_per_gpu.py."""
 
 from __future__ import annotations
 
 import io
-import shutil
-from pathlib import Path
 
 import fakeredis
 import pytest
@@ -13,10 +12,8 @@ import redis
 from prometheus_client import REGISTRY
 
 from shared.settings import load_settings
-from shared.task_names import SCORE
-from tests.processes import WorkerProcess, free_port
+from tests.processes import free_port
 from tests.tiny_clip import noise_image
-from tests.worker_helpers import app_for, private_redis
 from worker.serving.cache import KEY_PREFIX, ScoreCache, cache_namespace
 from worker.serving.service import ScoringService
 
@@ -153,38 +150,3 @@ def test_the_setting_turns_the_cache_on(loaded_model) -> None:
     assert service.cache is not None and service.cache.ttl_s == 60
     assert service.cache.namespace == cache_namespace(service.results.model, "float32", service.decode_mode)
     service.cache.close()
-
-
-@pytest.mark.integration
-def test_a_worker_answers_the_same_bytes_under_another_uri_from_the_cache(
-    worker_env: dict, served_dir: Path, tmp_path: Path
-) -> None:
-    first = served_dir / "cache-first.png"
-    noise_image(77, (90, 70)).save(first)
-    second = served_dir / "cache-copy-under-another-name.png"
-    shutil.copyfile(first, second)
-    with private_redis() as url:
-        cache_url = url.rsplit("/", 1)[0] + "/1"  # its own database, never the queues'
-        env = {**worker_env, "REALSCORE_BROKER_URL": url, "REALSCORE_RESULT_BACKEND": url,
-               "REALSCORE_CACHE_URL": cache_url, "REALSCORE_CACHE_TTL": str(TTL)}
-        env.pop("REALSCORE_METRICS_PORT", None)
-        app = app_for(url)
-        process = WorkerProcess(env, tmp_path / "worker.log").start()
-        try:
-            process.wait_ready(app)
-            one = app.send_task(SCORE, args=[str(first)]).get(timeout=60)
-            two = app.send_task(SCORE, args=[str(second)]).get(timeout=60)
-        finally:
-            assert process.stop() == 0, process.log()
-        cache = redis.Redis.from_url(cache_url)
-        keys = cache.keys(f"{KEY_PREFIX}*")
-        queues = redis.Redis.from_url(url)
-        assert queues.keys(f"{KEY_PREFIX}*") == []
-        ttls = [cache.ttl(key) for key in keys]
-        cache.close()
-        queues.close()
-    assert one["ok"] and not one["cached"], one
-    assert two["ok"] and two["cached"], two
-    assert two["uri"] == str(second)
-    assert two["score"] == one["score"] and two["label"] == one["label"]
-    assert len(keys) == 1 and 0 < ttls[0] <= TTL

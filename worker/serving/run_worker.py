@@ -244,6 +244,11 @@ def plan_children(
             node = "-".join(part for part in (name, suffix) if part) + f"@{host}"
             slot = (gpu or 0) * procs_per_gpu + proc
             port = settings.metrics_port + slot if settings.metrics_port else None
+            if port is not None and port > 65535:
+                raise UsageError(
+                    f"REALSCORE_METRICS_PORT={settings.metrics_port} leaves no port for {node} "
+                    f"(it would need {port})"
+                )
             children.append(Child(node, gpu, port))
     return children
 
