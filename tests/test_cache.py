@@ -150,3 +150,17 @@ def test_the_setting_turns_the_cache_on(loaded_model) -> None:
     assert service.cache is not None and service.cache.ttl_s == 60
     assert service.cache.namespace == cache_namespace(service.results.model, "float32", service.decode_mode)
     service.cache.close()
+
+
+def test_concurrent_copies_of_one_image_cost_one_forward(make_service, loaded_model) -> None:
+    client = fakeredis.FakeRedis()
+    service = make_service(_cache(client, loaded_model.model_id))
+    data = _png(5)
+    images = _counter("realscore_batch_size_sum")
+
+    results = service.map(lambda i: service.score_bytes(f"copy-{i}", data), list(range(8)))
+
+    assert all(r["ok"] for r in results), results
+    assert len({r["score"] for r in results}) == 1
+    assert [r["cached"] for r in results].count(False) == 1, "more than one copy was scored"
+    assert _counter("realscore_batch_size_sum") == images + 1

@@ -9,6 +9,9 @@ The cache is an optimisation and never a dependency: any Redis error counts
 ``realscore_cache_errors_total{op}`` and the image is scored as if there were no cache. After an
 error the cache is skipped for a few seconds, so a Redis that hangs costs one short socket timeout
 per few seconds, not one per image.
+
+Within one process, lookups of bytes already being scored wait for that score instead of scoring
+them again (:class:`SingleFlight`): a burst of copies of one image costs one forward, not one each.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import Future
 
 import redis
 
@@ -33,6 +37,30 @@ def cache_namespace(model: str, dtype: str, decode_mode: str) -> str:
     """The key prefix of one scoring identity: ``realscore:score:v1:<16 hex>:``."""
     identity = json.dumps([model, dtype, decode_mode], separators=(",", ":"))
     return f"{KEY_PREFIX}{hashlib.sha256(identity.encode()).hexdigest()[:16]}:"
+
+
+class SingleFlight:
+    """The first of several concurrent misses on one key scores it; the others wait for its
+    score (``None`` if it failed: they then score on their own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[str, Future] = {}
+
+    def join(self, key: str) -> tuple[bool, Future]:
+        """``(True, future)`` for the first caller, who must :meth:`finish`; else
+        ``(False, the first caller's future)``."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                return False, flight
+            flight = self._flights[key] = Future()
+            return True, flight
+
+    def finish(self, key: str, score: float | None) -> None:
+        with self._lock:
+            flight = self._flights.pop(key)
+        flight.set_result(score)
 
 
 class ScoreCache:
@@ -56,6 +84,7 @@ class ScoreCache:
         self._backoff_s = backoff_s
         self._skip_until = 0.0
         self._lock = threading.Lock()
+        self.flights = SingleFlight()
 
     @classmethod
     def from_url(cls, url: str, **identity_and_ttl: object) -> ScoreCache:

@@ -251,12 +251,21 @@ class ScoringService:
         except Exception as error:  # noqa: BLE001 - every failure is a per-image result
             return self.error_result(uri, error, getattr(error, "sha256", None), started)
         sha256 = hashlib.sha256(data).hexdigest()
+        leader = False
         score = cache.get(sha256)
+        if score is None:  # the same bytes may be in flight here already: wait for their score
+            leader, flight = cache.flights.join(sha256)
+            score = None if leader else flight.result()
         if score is not None:
             return self.results.ok(uri, score, sha256=sha256, elapsed_ms=_ms_since(started), cached=True)  # type: ignore[arg-type]
-        result = self.score_prepared(uri, lambda: self.prepare_bytes(data, sha256), lane, started)
-        if result["ok"]:
-            cache.put(sha256, result["score"])  # type: ignore[arg-type]
+        result = None
+        try:
+            result = self.score_prepared(uri, lambda: self.prepare_bytes(data, sha256), lane, started)
+            if result["ok"]:
+                cache.put(sha256, result["score"])  # type: ignore[arg-type]
+        finally:
+            if leader:
+                cache.flights.finish(sha256, result["score"] if result and result["ok"] else None)
         return result
 
     def score_prepared(
