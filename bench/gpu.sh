@@ -17,26 +17,36 @@
 #   .redis/  Debian's redis-server plus the shared libraries it links, run with LD_LIBRARY_PATH
 # (both git-ignored: name them in the device tool's `carry`).
 #
-# Knobs (environment): REALSCORE_BENCH_DEVICE (cuda), REALSCORE_BENCH_TOWER (large14),
-# REALSCORE_BENCH_DECODE (gpu,exact), REALSCORE_BENCH_PROCS (1,4), REALSCORE_BENCH_IMAGES (1024),
-# REALSCORE_BENCH_SECONDS (6), REALSCORE_BENCH_PYTHON (python3), REALSCORE_BENCH_CARRY_DIR (the
-# repo root: where .whl/ and .redis/ are), REALSCORE_BENCH_BUDGET_S (290). A CPU rehearsal:
-#   REALSCORE_BENCH_DEVICE=cpu REALSCORE_BENCH_TOWER=tiny bash bench/gpu.sh /tmp/gpuout
+# Knobs (environment; not REALSCORE_* since the service refuses REALSCORE_* variables that are no
+# setting, and these would reach its workers; REALSCORE_BENCH_* spellings are taken and unset):
+# BENCH_DEVICE (cuda), BENCH_TOWER (large14), BENCH_DECODE (gpu,exact), BENCH_PROCS (1,4),
+# BENCH_IMAGES (1024), BENCH_SECONDS (6), BENCH_PYTHON (python3), BENCH_CARRY_DIR (the repo root:
+# where .whl/ and .redis/ are), BENCH_BUDGET_S (290). A CPU rehearsal:
+#   BENCH_DEVICE=cpu BENCH_TOWER=tiny bash bench/gpu.sh /tmp/gpuout
 set -u
 began=$(date +%s)
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUTDIR=${1:-${OUT:-/tmp/realscore-gpu}}
 mkdir -p "$OUTDIR"
-DEVICE=${REALSCORE_BENCH_DEVICE:-cuda}
-TOWER=${REALSCORE_BENCH_TOWER:-large14}
-DECODE=${REALSCORE_BENCH_DECODE:-gpu,exact}
-PROCS=${REALSCORE_BENCH_PROCS:-1,4}
-IMAGES=${REALSCORE_BENCH_IMAGES:-1024}
-SECONDS_EACH=${REALSCORE_BENCH_SECONDS:-6}
-PY=${REALSCORE_BENCH_PYTHON:-python3}
-CARRY=${REALSCORE_BENCH_CARRY_DIR:-$REPO}
-BUDGET=${REALSCORE_BENCH_BUDGET_S:-290}
+for knob in DEVICE TOWER DECODE PROCS IMAGES SECONDS PYTHON CARRY_DIR BUDGET_S; do
+    legacy=REALSCORE_BENCH_$knob
+    if [ -n "${!legacy:-}" ]; then
+        current=BENCH_$knob
+        [ -z "${!current:-}" ] && export "BENCH_$knob=${!legacy}"
+    fi
+    unset "$legacy"
+done
+unset REALSCORE_BENCH_REDIS_SERVER
+DEVICE=${BENCH_DEVICE:-cuda}
+TOWER=${BENCH_TOWER:-large14}
+DECODE=${BENCH_DECODE:-gpu,exact}
+PROCS=${BENCH_PROCS:-1,4}
+IMAGES=${BENCH_IMAGES:-1024}
+SECONDS_EACH=${BENCH_SECONDS:-6}
+PY=${BENCH_PYTHON:-python3}
+CARRY=${BENCH_CARRY_DIR:-$REPO}
+BUDGET=${BENCH_BUDGET_S:-290}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 LOG="$OUTDIR/gpu-sh.log"
 say() { echo "[gpu.sh $(($(date +%s) - began))s] $*" | tee -a "$LOG"; }
@@ -63,9 +73,9 @@ if [ -x "$CARRY/.redis/redis-server" ]; then
 LD_LIBRARY_PATH="$CARRY/.redis/lib" exec "$CARRY/.redis/redis-server" "\$@"
 EOF
     chmod +x /tmp/realscore-redis/redis-server
-    export REALSCORE_BENCH_REDIS_SERVER=/tmp/realscore-redis/redis-server
+    export BENCH_REDIS_SERVER=/tmp/realscore-redis/redis-server
 fi
-"${REALSCORE_BENCH_REDIS_SERVER:-redis-server}" --version 2>&1 | tee -a "$LOG" || {
+"${BENCH_REDIS_SERVER:-redis-server}" --version 2>&1 | tee -a "$LOG" || {
     say "FAILED: no runnable redis-server"; exit 1; }
 { "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'; nproc; } 2>&1 | tee -a "$LOG"

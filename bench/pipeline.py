@@ -58,13 +58,13 @@ def wait_until(condition, timeout: float, what: str) -> object:
 
 
 class PrivateRedis:
-    """A throwaway ``redis-server`` on a free loopback port (``REALSCORE_BENCH_REDIS_SERVER`` or the
+    """A throwaway ``redis-server`` on a free loopback port (``BENCH_REDIS_SERVER`` or the
     one on PATH), no persistence, noeviction as a broker's Redis must be."""
 
     def __init__(self, log_dir: Path) -> None:
-        binary = os.environ.get("REALSCORE_BENCH_REDIS_SERVER") or shutil.which("redis-server")
+        binary = os.environ.get("BENCH_REDIS_SERVER") or shutil.which("redis-server")
         if not binary:
-            raise SystemExit("pipeline.py: no redis-server (PATH or REALSCORE_BENCH_REDIS_SERVER)")
+            raise SystemExit("pipeline.py: no redis-server (PATH or BENCH_REDIS_SERVER)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._log = open(log_dir / "redis.log", "wb")
