@@ -70,6 +70,9 @@ class Settings(BaseSettings):
         ge=1 << 20,
         description="image bytes in flight per worker process; default max(1 GiB, 128 MiB x cores)",
     )
+    bulk_task_slots: int = Field(
+        4, ge=1, le=4096, description="bulk chunks one worker process works on at once"
+    )
 
     # Inputs.
     local_roots: list[Path] = Field(default_factory=list)
