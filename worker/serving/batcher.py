@@ -188,6 +188,8 @@ class DynamicBatcher(Generic[Item, Output]):
     def _launch(self, batch: list[_Pending]) -> list[_Launched]:
         """Stage ``batch``; out of device memory, stage it in halves and shrink the batch size."""
         started = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):  # the order of forward passes, lane by lane
+            log.debug("forward lanes=%s", "".join("IB"[pending.lane] for pending in batch))
         for pending in batch:
             metrics.QUEUE_WAIT.labels(pending.lane.name.lower()).observe(started - pending.enqueued)
         try:

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings: Settings, extra: list[str]) -> int:
     from celery import signals
 
-    from worker.serving import metrics, runtime
+    from worker.serving import bulk_gate, metrics, runtime
     from worker.serving.attempts import AttemptCounter
     from worker.model.loader import ModelLoadError, load_model
     from worker.model.modes import DecodeModeError
@@ -148,6 +148,8 @@ def serve(settings: Settings, extra: list[str]) -> int:
         settings.broker_url, settings.max_attempts, settings.visibility_timeout * (settings.max_attempts + 1)
     )
     runtime.install(runtime.WorkerRuntime(service, attempts))
+    bulk_gate.install(bulk_gate.BulkGate(settings.bulk_task_slots))
+    app.steps["consumer"].add(bulk_gate.GateStep)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)
@@ -167,6 +169,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
         signals.worker_shutting_down.disconnect(flush_batches)
         service.stop()  # Celery's warm shutdown waited for running tasks; drain what is left
         runtime.install(None)
+        bulk_gate.install(None)
     return EXIT_FAILURE if broken.is_set() else code
 
 

@@ -20,6 +20,7 @@ from shared.results import Result
 from shared.task_names import BULK_QUEUE, EMBED, MAX_URIS_PER_TASK, SCORE, SCORE_MANY
 from worker.serving import metrics, runtime
 from worker.serving.batcher import Lane
+from worker.serving.bulk_gate import bulk_slot
 from worker.serving.service import ScoringService, embed_row
 
 Row = TypeVar("Row")
@@ -90,7 +91,8 @@ def _many(
             return as_row(_errors([uri], ErrorCode.BAD_REQUEST, reason)[0])
         return one(service, uri, lane)
 
-    return _counted(task, uris, lambda: service.map(each, uris, lane), as_row)
+    with bulk_slot(lane is Lane.BULK):  # waiting for a slot counts no delivery attempt
+        return _counted(task, uris, lambda: service.map(each, uris, lane), as_row)
 
 
 def _as_result(result: Result) -> Result:
