@@ -29,7 +29,7 @@ from shared.settings import Settings
 from worker.model import decode
 from worker.serving import metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane
-from worker.serving.budget import ByteBudget
+from worker.serving.budget import SharedBudget
 from worker.serving.cache import ScoreCache
 from worker.lifecycle.features import encode_features
 from worker.model.loader import Launched, LoadedModel
@@ -110,7 +110,8 @@ class ScoringService:
             # lane, as many threads each) fetch for `score_many`: all can hold a connection.
             max_pool_connections=max(settings.task_concurrency + threads * len(Lane), 10),
         )
-        self.budget = ByteBudget(settings.pending_bytes)
+        # Bulk images may hold half the pixel budget: the other half stays for interactive ones.
+        self.budget = SharedBudget(settings.pending_bytes)
         on_gpu = loaded.device.type == "cuda"
         self.batcher: DynamicBatcher[_Item, tuple[float, torch.Tensor | None]] = DynamicBatcher(
             self._stage,
@@ -199,18 +200,20 @@ class ScoringService:
             row += 1
         return outputs
 
-    def prepare(self, uri: object) -> Prepared:
+    def prepare(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Prepared:
         """Fetch, check the header and stage one image (on the calling thread)."""
         data = self.sources.fetch(uri)
-        return self.prepare_bytes(data)
+        return self.prepare_bytes(data, lane=lane)
 
-    def prepare_bytes(self, data: bytes, sha256: str | None = None) -> Prepared:
+    def prepare_bytes(
+        self, data: bytes, sha256: str | None = None, lane: Lane = Lane.INTERACTIVE
+    ) -> Prepared:
         """Check the header and run the mode's CPU work, within the process's pixel budget (the
         compressed bytes count too)."""
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
         try:
             image = decode.open_image(data, max_pixels=self.settings.max_image_pixels)
-            staged = self.mode.stage(image, data, lambda nbytes: self.budget.hold(nbytes + len(data)))
+            staged = self.mode.stage(image, data, lambda nbytes: self.budget.hold(nbytes + len(data), lane is Lane.BULK))
         except ScoringError as error:
             error.sha256 = sha256  # type: ignore[attr-defined]
             raise
@@ -220,7 +223,7 @@ class ScoringService:
         self, prepared: Prepared, lane: Lane = Lane.INTERACTIVE, *, with_features: bool = False
     ) -> tuple[float, torch.Tensor | None]:
         """Score (and features if asked) of a prepared image, through the batcher (blocks)."""
-        taken = self.budget.acquire(prepared.staged.nbytes)
+        taken = self.budget.acquire(prepared.staged.nbytes, lane is Lane.BULK)
         item = _Item(prepared.staged.payload, with_features)
         try:
             future = self.batcher.submit(item, lane, on_done=lambda: self.budget.release(taken))
@@ -233,13 +236,13 @@ class ScoringService:
         """One result, never an exception."""
         if self.cache is not None:
             return self._score_cached(self.cache, uri, lambda: self.sources.fetch(uri), lane)
-        return self.score_prepared(uri, lambda: self.prepare(uri), lane)
+        return self.score_prepared(uri, lambda: self.prepare(uri, lane), lane)
 
     def score_bytes(self, uri: str, data: bytes, lane: Lane = Lane.INTERACTIVE) -> Result:
         """A result for image bytes already in memory (``uri`` only labels it)."""
         if self.cache is not None:
             return self._score_cached(self.cache, uri, lambda: data, lane)
-        return self.score_prepared(uri, lambda: self.prepare_bytes(data), lane)
+        return self.score_prepared(uri, lambda: self.prepare_bytes(data, lane=lane), lane)
 
     def _score_cached(
         self, cache: ScoreCache, uri: object, fetch: Callable[[], bytes], lane: Lane
@@ -260,7 +263,7 @@ class ScoringService:
             return self.results.ok(uri, score, sha256=sha256, elapsed_ms=_ms_since(started), cached=True)  # type: ignore[arg-type]
         result = None
         try:
-            result = self.score_prepared(uri, lambda: self.prepare_bytes(data, sha256), lane, started)
+            result = self.score_prepared(uri, lambda: self.prepare_bytes(data, sha256, lane), lane, started)
             if result["ok"]:
                 cache.put(sha256, result["score"])  # type: ignore[arg-type]
         finally:
@@ -279,7 +282,7 @@ class ScoringService:
 
     def embed_uri(self, uri: object, lane: Lane = Lane.BULK) -> dict:
         """Pooled features of one image for training, encoded compactly (base64 float16)."""
-        outcome = self._run(uri, lambda: self.prepare(uri), lane, with_features=True)
+        outcome = self._run(uri, lambda: self.prepare(uri, lane), lane, with_features=True)
         if isinstance(outcome, _Failure):
             return embed_row(outcome.result)
         return embed_row(
