@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,14 +46,22 @@ from tests.worker_helpers import private_redis  # noqa: E402
 from bench.backfill_memory import _RUN  # noqa: E402 - runs the CLI, reports its peak RSS
 
 PEAKS: list[float] = []
+CPU: list[float] = []
 
 
-def backfill(folder: Path, out: Path, env: dict) -> float:
-    """Seconds the backfill reports for its run (its peak RSS goes to PEAKS)."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def backfill(folder: Path, out: Path, env: dict, *extra: str) -> float:
+    """Seconds the backfill reports for its run (its peak RSS goes to PEAKS, CPU s to CPU)."""
+    before = _children_cpu()
     result = subprocess.run(
-        [sys.executable, "-c", _RUN, "backfill", str(folder), "--out", str(out), "--chunk-size", "256"],
+        [sys.executable, "-c", _RUN, "backfill", str(folder), "--out", str(out), "--chunk-size", "256", *extra],
         cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, check=True,
     )
+    CPU.append(_children_cpu() - before)
     lines = result.stderr.strip().splitlines()
     PEAKS.append(int(lines[-1].split()[1]) / 1024)
     return float(re.search(r"; ([0-9.]+) s, ", lines[-2]).group(1))
@@ -97,11 +106,12 @@ def main() -> None:
         try:
             worker.wait_ready(app)
             client.score_many(uris[:64], bulk=True, timeout=300)  # warm up
-            direct, driven = [], []
+            direct, driven, direct_cpu = [], [], []
             for round_ in range(args.rounds):
-                started = time.monotonic()
+                started, cpu = time.monotonic(), time.process_time()
                 rows = client.score_many(uris, bulk=True, timeout=600)
                 direct.append(time.monotonic() - started)
+                direct_cpu.append(time.process_time() - cpu)
                 assert len(rows) == len(uris)
                 driven.append(backfill(folder, work / f"out-{round_}.jsonl", env))
                 print(f"round {round_}: score_many {direct[-1]:.2f} s, backfill {driven[-1]:.2f} s", flush=True)
@@ -120,6 +130,13 @@ def main() -> None:
             backfill(folder, work / "out-busy.jsonl", env)
             stop.set()
             probe.join()
+            gentle: list[float] = []
+            stop = threading.Event()
+            probe = threading.Thread(target=latencies, args=(stop, uris[2], gentle))
+            probe.start()
+            backfill(folder, work / "out-gentle.jsonl", env, "--chunk-size", "32", "--max-in-flight", "1")
+            stop.set()
+            probe.join()
         finally:
             worker.stop()
     d, b = statistics.median(direct), statistics.median(driven)
@@ -128,9 +145,12 @@ def main() -> None:
     print(f"| client.score_many(bulk=True) | {d:.2f} | {args.images / d:.0f} |")
     print(f"| realscore backfill | {b:.2f} | {args.images / b:.0f} |")
     print(f"\nbackfill / score_many: {b / d:.3f} (bookkeeping cost {100 * (b / d - 1):+.1f} %)")
+    print(f"client CPU per 1000 images: score_many {1000 * statistics.median(direct_cpu) / args.images:.2f} s, "
+          f"backfill {1000 * statistics.median(CPU[: args.rounds]) / args.images:.2f} s (whole process, start-up included)")
     print(f"backfill peak RSS: {max(PEAKS):.0f} MiB (runs: {', '.join(f'{p:.0f}' for p in PEAKS)})")
     print("\n| interactive client.score | calls | p50 ms | p99 ms |\n| --- | ---: | ---: | ---: |")
-    for name, values in (("idle worker", idle), ("during a backfill", busy)):
+    for name, values in (("idle worker", idle), ("during a backfill", busy),
+                         ("during a backfill, --chunk-size 32 --max-in-flight 1", gentle)):
         print(f"| {name} | {len(values)} | {percentile(values, 0.5):.0f} | {percentile(values, 0.99):.0f} |")
 
 
