@@ -26,7 +26,13 @@ from shared.backfill_state import BackfillState
 from shared.errors import ErrorCode
 from shared.results import ResultFactory
 
-TRANSIENT_CODES = frozenset({ErrorCode.FETCH_TIMEOUT.value, ErrorCode.INTERNAL.value})
+TRANSIENT_CODES = frozenset({
+    ErrorCode.FETCH_TIMEOUT.value, ErrorCode.INTERNAL.value, ErrorCode.SOURCE_UNAVAILABLE.value,
+})
+# Not this image but the workers' access to the source (credentials, endpoint): every image would
+# fail alike, so once retries do not help the backfill stops instead of writing error rows that a
+# rerun, after the fix, would skip.
+SYSTEMIC_CODES = frozenset({ErrorCode.SOURCE_UNAVAILABLE.value})
 POLL_S = 0.05
 # Rows for chunks that never came back carry no model identity: no worker answered.
 _NO_ANSWER = ResultFactory(model="")
@@ -47,6 +53,10 @@ class _Chunk:
     attempts: list[int]
     handle: ChunkHandle
     sent: float = field(default_factory=time.monotonic)
+
+
+class SourceUnavailable(RuntimeError):
+    """The workers cannot reach the source; nothing about it was written."""
 
 
 class Interrupt:
@@ -123,11 +133,14 @@ class Backfill:
     def _settle(self, chunk: _Chunk, rows: list[dict[str, Any]]) -> None:
         """Write the final rows, queue the transient ones for another try."""
         final = []
+        systemic = None
         for uri, attempt, row in zip(chunk.uris, chunk.attempts, rows):
             row["uri"] = uri
             code = (row.get("error") or {}).get("code") if not row.get("ok") else None
             if code in TRANSIENT_CODES and attempt < self.plan.retries:
                 self._retry.append((uri, attempt + 1))
+            elif code in SYSTEMIC_CODES:
+                systemic = systemic or row
             else:
                 final.append(row)
         fresh = set(self._state.begin_rows((row["uri"], (row.get("error") or {}).get("code") or "ok") for row in final))
@@ -139,6 +152,9 @@ class Backfill:
             raise
         self._state.commit(size)
         self.progress.wrote(written)
+        if systemic is not None:
+            error = systemic["error"] or {}
+            raise SourceUnavailable(f"{error.get('code')}: {error.get('message')} ({systemic['uri']})")
 
     def _failed(self, chunk: _Chunk, message: str) -> None:
         rows = [dict(_NO_ANSWER.error(uri, ErrorCode.INTERNAL, message)) for uri in chunk.uris]
@@ -211,4 +227,4 @@ def dry_run(listing: Iterator[str], state: BackfillState, progress: Progress, ba
     progress.listing_done()
 
 
-__all__ = ["Backfill", "Format", "Interrupt", "Plan", "dry_run"]
+__all__ = ["Backfill", "Format", "Interrupt", "Plan", "SourceUnavailable", "dry_run"]

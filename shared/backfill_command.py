@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from shared.backfill import Backfill, Interrupt, Plan, dry_run
+from shared.backfill import Backfill, Interrupt, Plan, SourceUnavailable, dry_run
 from shared.backfill_output import OutputFile
 from shared.backfill_progress import Progress
 from shared.backfill_scorers import ChunkScorer, InProcessScorer, QueueScorer
@@ -143,7 +143,11 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         finished = not backfill.interrupted
     except OperationalError as error:
         progress.close()
-        print(f"realscore backfill: lost the broker: {error}; rerun to resume", file=sys.stderr)
+        print(f"realscore backfill: lost the broker: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SourceUnavailable as error:
+        progress.close()
+        print(f"realscore backfill: the workers cannot read the source: {error}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         output.close()

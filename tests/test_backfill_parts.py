@@ -101,3 +101,77 @@ def test_an_output_without_its_state_is_refused(tmp_path: Path) -> None:
     out.write_text('{"uri": "x"}\n')
     result = _backfill(str(tmp_path), "--out", str(out), "--dry-run")
     assert result.returncode == 2 and "state file" in result.stderr
+
+
+class _Handle:
+    def __init__(self, rows: list[dict] | None) -> None:
+        self.rows = rows
+        self.abandoned = False
+
+    def ready(self) -> bool:
+        return self.rows is not None
+
+    def get(self) -> list[dict]:
+        assert self.rows is not None
+        return self.rows
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+class _Scorer:
+    """Answers each chunk with error rows (``code``), never a score; ``lose`` chunks never answer."""
+
+    def __init__(self, code: str, lose: int = 0) -> None:
+        from shared.errors import ErrorCode
+        from shared.results import ResultFactory
+
+        self.factory, self.code, self.lose = ResultFactory("m"), ErrorCode(code), lose
+        self.sent: list[list[str]] = []
+        self.handles: list[_Handle] = []
+
+    def send(self, uris: list[str]) -> _Handle:
+        self.sent.append(list(uris))
+        lost = len(self.sent) <= self.lose
+        handle = _Handle(None if lost else [dict(self.factory.error(u, self.code, "x")) for u in uris])
+        self.handles.append(handle)
+        return handle
+
+    def close(self) -> None:
+        pass
+
+
+def _driver(tmp_path: Path, scorer: _Scorer, uris: list[str], **plan: float):
+    from shared.backfill import Backfill, Plan
+    from shared.backfill_progress import Progress
+
+    state = BackfillState(str(tmp_path / "s.sqlite"))
+    output = OutputFile(str(tmp_path / "o.jsonl"), "jsonl", 0)
+    settings = {"chunk_size": 2, "max_in_flight": 2, "chunk_timeout": 60.0, "retries": 1, **plan}
+    return Backfill(iter(uris), scorer, state, output, Plan(**settings), Progress(tty=False)), output
+
+
+class _NoInterrupt:
+    requested = False
+
+
+def test_a_chunk_that_never_answers_is_sent_again_and_written_once(tmp_path: Path) -> None:
+    scorer = _Scorer("not_found", lose=1)
+    backfill, output = _driver(tmp_path, scorer, ["a", "b", "c"], chunk_timeout=0.2)
+    backfill.run(_NoInterrupt())  # type: ignore[arg-type]
+    output.close()
+    assert scorer.handles[0].abandoned and scorer.sent[0] == ["a", "b"]
+    assert sorted(scorer.sent[1:]) == [["a", "b"], ["c"]]
+    assert sorted(row["uri"] for row in read_rows(str(tmp_path / "o.jsonl"), "jsonl")) == ["a", "b", "c"]
+
+
+def test_source_unavailable_is_retried_then_stops_without_writing_rows(tmp_path: Path) -> None:
+    from shared.backfill import SourceUnavailable
+
+    scorer = _Scorer("source_unavailable")
+    backfill, output = _driver(tmp_path, scorer, ["a", "b"], retries=1)
+    with pytest.raises(SourceUnavailable, match="source_unavailable"):
+        backfill.run(_NoInterrupt())  # type: ignore[arg-type]
+    output.close()
+    assert scorer.sent == [["a", "b"], ["a", "b"]]  # one retry, then the stop
+    assert list(read_rows(str(tmp_path / "o.jsonl"), "jsonl")) == []  # a rerun scores them
