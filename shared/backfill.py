@@ -139,6 +139,7 @@ class Backfill:
             code = (row.get("error") or {}).get("code") if not row.get("ok") else None
             if code in TRANSIENT_CODES and attempt < self.plan.retries:
                 self._retry.append((uri, attempt + 1))
+                self.progress.retried += 1
             elif code in SYSTEMIC_CODES:
                 systemic = systemic or row
             else:

@@ -21,6 +21,7 @@ class Progress:
         self.labels: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.resent = 0
+        self.retried = 0
         self._every_s = every_s
         self._last_line = self.started
         self._bar = None
@@ -93,6 +94,6 @@ class Progress:
         labels = ", ".join(f"{label} {count}" for label, count in sorted(self.labels.items())) or "none"
         return (
             f"{self.written} rows written ({self.ok} scored: {labels}; errors: {errors}); "
-            f"{self.skipped} already done; {self.resent} chunks re-sent; "
+            f"{self.skipped} already done; {self.retried} images retried; {self.resent} chunks re-sent; "
             f"{elapsed:.1f} s, {self.rate():.1f} img/s"
         )

@@ -8,6 +8,7 @@ worker started for this module with a short visibility timeout, one bulk slot an
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import math
@@ -175,7 +176,7 @@ def test_a_worker_killed_mid_backfill_loses_and_duplicates_nothing(
     private, gated_worker: WorkerProcess, served_dir: Path, tmp_path: Path
 ) -> None:
     url, env = private
-    paths = _tree(served_dir / "backfill-kill", 160)
+    paths = _tree(served_dir / "backfill-kill", 96)
     victim = WorkerProcess(env, tmp_path / "victim.log", ["--concurrency", "2"]).start()
     victim.wait_ready(app_for(url))
     out = tmp_path / "kill.jsonl"
@@ -193,26 +194,28 @@ def test_a_worker_killed_mid_backfill_loses_and_duplicates_nothing(
     rows = _rows(out)
     assert sorted(row["uri"] for row in rows) == paths  # every image exactly once
     assert all(row["ok"] for row in rows), [row["error"] for row in rows if not row["ok"]][:3]
-    assert "0 chunks re-sent" in log  # Redis redelivered the victim's chunk; no attempt gave up
+    # Redis redelivered the victim's chunk (nothing timed out here) and the worker ran it: a
+    # chunk given up by the attempt counter would have come back as `internal` rows, retried.
+    assert "0 images retried; 0 chunks re-sent" in log
 
 
 def test_an_interrupted_backfill_resumes_without_rescoring_what_it_wrote(
     private, gated_worker: WorkerProcess, served_dir: Path, tmp_path: Path
 ) -> None:
     _, env = private
-    paths = _tree(served_dir / "backfill-resume", 200)
+    paths = _tree(served_dir / "backfill-resume", 120)
     out = tmp_path / "resume.jsonl"
     args = [str(served_dir / "backfill-resume"), "--out", str(out), "--chunk-size", "10",
             "--max-in-flight", "2", "--chunk-timeout", str(4 * VISIBILITY)]
     before = _received(gated_worker)
     first = _start(args, env)
-    wait_until(lambda: _count_rows(out) >= 40, 60, "first rows written")
+    wait_until(lambda: _count_rows(out) >= 30, 60, "first rows written")
     first.send_signal(signal.SIGINT)
     code, log = _finish(first)
     assert code == 130, log
     assert "resume with: realscore backfill" in log
     written = [row["uri"] for row in _rows(out)]
-    assert 40 <= len(written) < len(paths) and len(set(written)) == len(written)
+    assert 30 <= len(written) < len(paths) and len(set(written)) == len(written)
     # Everything it sent came back before it stopped (nothing is still queued for the rerun).
     wait_until(lambda: _received(gated_worker) - before == math.ceil(len(written) / 10), 30, "tasks")
 
@@ -249,6 +252,8 @@ def test_interactive_tasks_are_served_while_a_bulk_backlog_is_in_hand(
         assert app.send_task("realscore.score", args=[path]).get(timeout=60)["ok"]
     for handle in bulk:
         assert len(handle.get(timeout=TIMEOUT)) == CHUNK
+    del bulk, handle
+    gc.collect()  # results bound to the private Redis let go of it while it still answers
 
     events = re.findall(
         r"forward lanes=([IB]+)|Task (realscore\.score(?:_many)?)\[[0-9a-f-]+\] (received|succeeded)",
