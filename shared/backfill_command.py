@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace, settings: Settings, listing, state: BackfillState, progress: Progress) -> int:
     from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
 
     resume = shlex.join(["realscore", *sys.argv[1:]]) if sys.argv[1:2] == ["backfill"] else "the same command"
     try:
@@ -125,7 +126,7 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
             timeout = _chunk_timeout(args, settings, progress)
             args.max_in_flight = args.max_in_flight or default_max_in_flight(settings)
         scorer = _scorer(args)
-    except OperationalError as error:
+    except (OperationalError, RedisError) as error:
         print(f"realscore backfill: cannot reach the broker: {error}", file=sys.stderr)
         return EXIT_FAILURE
     output = OutputFile(args.out, args.format, state.committed_bytes)
@@ -141,13 +142,14 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         with Interrupt() as interrupt:
             backfill.run(interrupt)
         finished = not backfill.interrupted
-    except OperationalError as error:
-        progress.close()
-        print(f"realscore backfill: lost the broker: {error}", file=sys.stderr)
-        return EXIT_FAILURE
     except SourceUnavailable as error:
         progress.close()
         print(f"realscore backfill: the workers cannot read the source: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OperationalError, RedisError, RuntimeError) as error:
+        # RuntimeError: Celery's "retry limit exceeded" reconnecting to the result backend.
+        progress.close()
+        print(f"realscore backfill: lost the broker or result backend: {error}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         output.close()

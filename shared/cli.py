@@ -25,7 +25,7 @@ __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser"
 # Top-level modules of the optional extras, and the extra that brings each.
 _EXTRA_OF = {
     "torch": "worker", "transformers": "worker", "PIL": "worker", "safetensors": "worker",
-    "numpy": "worker", "prometheus_client": "worker", "tqdm": "worker",
+    "numpy": "worker", "prometheus_client": "worker",
     "sklearn": "eval", "matplotlib": "eval",
 }
 
