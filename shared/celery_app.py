@@ -26,6 +26,12 @@ CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0
 WORKER_RESULT_RETRIES = 40
 
 
+def restore_interval(visibility_timeout: int) -> int:
+    """Seconds between sweeps for unacknowledged messages to redeliver: a tenth of the
+    visibility timeout, 1 to 10 s (one cheap Redis range query per worker per sweep)."""
+    return max(1, min(10, visibility_timeout // 10))
+
+
 def configure(app: Celery, settings: Settings) -> Celery:
     """Apply ``settings`` to ``app`` (also used by tests to point it at another Redis)."""
     app.conf.update(
@@ -40,10 +46,9 @@ def configure(app: Celery, settings: Settings) -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
             "queue_order_strategy": "priority",
-            # kombu looks for messages past their visibility timeout every interval x throttle
-            # seconds (10 x 10 by default, which adds up to 100 s to every redelivery): sweep at
-            # a tenth of the timeout (at most every 10 s); one ZRANGE on the unacked index.
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            # kombu sweeps for messages past their visibility timeout every interval x throttle
+            # seconds (10 x 10 by default): a killed worker's work would wait up to 100 s more.
+            "unacked_restore_interval": restore_interval(settings.visibility_timeout),
             "unacked_restore_throttle": 1,
         },
         result_backend_transport_options={

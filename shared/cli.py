@@ -25,7 +25,7 @@ __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser"
 # Top-level modules of the optional extras, and the extra that brings each.
 _EXTRA_OF = {
     "torch": "worker", "transformers": "worker", "PIL": "worker", "safetensors": "worker",
-    "numpy": "worker", "prometheus_client": "worker", "tqdm": "worker",
+    "numpy": "worker", "prometheus_client": "worker",
     "sklearn": "eval", "matplotlib": "eval",
 }
 
@@ -58,6 +58,30 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
+def _add_backfill(commands: argparse._SubParsersAction) -> None:
+    backfill = commands.add_parser(
+        "backfill", help="score every image under s3://bucket/prefix or a folder, resumably"
+    )
+    backfill.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix or a local folder")
+    backfill.add_argument("--out", required=True, metavar="FILE", help="rows are appended here")
+    backfill.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    backfill.add_argument("--glob", default=None, help="only paths/keys matching this pattern")
+    backfill.add_argument("--chunk-size", type=int, default=64, help="URIs per task (at most 256)")
+    backfill.add_argument(
+        "--max-in-flight", type=int, default=None,
+        help="chunks outstanding at once (default: 2 x BULK_TASK_SLOTS x workers answering a ping)",
+    )
+    backfill.add_argument(
+        "--chunk-timeout", type=float, default=None,
+        help="seconds before a chunk is sent again (default: 2 x VISIBILITY_TIMEOUT)",
+    )
+    backfill.add_argument("--retries", type=int, default=2, help="tries again for transient errors")
+    backfill.add_argument("--drain-timeout", type=float, default=10.0, help="wait after Ctrl-C")
+    backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
+    backfill.add_argument("--in-process", action="store_true", help="score here, no Redis")
+    backfill.set_defaults(handler=_delegate("shared.backfill_command"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="realscore", description="Real photo or AI-generated? Score images with realscore."
@@ -85,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--gpus", default=None, help="one worker process per GPU: '0,1' or 'all'"
     )
+    worker.add_argument(
+        "--procs-per-gpu", type=int, default=1, metavar="N",
+        help="N worker processes per GPU (or on the configured device without --gpus), "
+        "each with its own model and batcher",
+    )
     worker.set_defaults(
         handler=_delegate("worker.serving.run_worker"), passthrough=True, own_help=worker.format_help
     )
@@ -105,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", required=True, metavar="DIR", help="folder to write them to")
     demo.set_defaults(handler=_delegate("worker.lifecycle.demo_model"))
+    _add_backfill(commands)
     add_commands(commands, _delegate)  # convert, evaluate, train
     return parser
 

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
         ge=1 << 20,
         description="image bytes in flight per worker process; default max(1 GiB, 128 MiB x cores)",
     )
+    bulk_task_slots: int = Field(
+        4, ge=1, le=4096, description="bulk chunks one worker process works on at once"
+    )
 
     # Inputs.
     local_roots: list[Path] = Field(default_factory=list)
@@ -93,6 +96,13 @@ class Settings(BaseSettings):
     # Operations.
     metrics_port: int | None = Field(None, ge=1, le=65535)
 
+    # Result cache (off when empty). Keep it off the queues' Redis, or at least give it its own
+    # database: every key has a TTL, and the queues' Redis must run with noeviction.
+    cache_url: str | None = None
+    cache_ttl: int = Field(
+        7 * 86_400, ge=1, description="seconds a cached score lives (every key has this TTL)"
+    )
+
     @field_validator("device")
     @classmethod
     def _device_is_known(cls, value: str) -> str:
@@ -100,7 +110,7 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("s3_endpoint_url", "cache_url")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None

@@ -93,3 +93,17 @@ def test_a_timed_out_waiter_leaves_the_line() -> None:
         budget.acquire(50, timeout=0.05)
     budget.release(held)
     assert budget.acquire(100, timeout=1) == 100  # nobody stale ahead of us
+
+
+def test_bulk_work_holds_at_most_its_share_and_interactive_work_gets_the_rest() -> None:
+    from worker.serving.budget import SharedBudget
+
+    budget = SharedBudget(100, bulk_share=0.5)
+    held = budget.acquire(50, bulk=True)
+    with pytest.raises(TimeoutError):  # a second bulk image waits for the bulk share...
+        budget.acquire(10, bulk=True, timeout=0.05)
+    assert budget.in_use == 50  # ...without queueing for the whole budget (nothing leaked)
+    interactive = budget.acquire(50, timeout=0.05)  # interactive still finds the other half
+    budget.release(held)
+    budget.release(interactive)
+    assert budget.in_use == 0 and budget.bulk.in_use == 0

@@ -216,6 +216,8 @@ class DynamicBatcher(Generic[Item, Output]):
         started = time.monotonic()
         with self._cond:
             self._current = batch
+        if log.isEnabledFor(logging.DEBUG):  # the order of forward passes, lane by lane
+            log.debug("forward lanes=%s", "".join("IB"[pending.lane] for pending in batch))
         for pending in batch:
             metrics.QUEUE_WAIT.labels(pending.lane.name.lower()).observe(started - pending.enqueued)
         try:

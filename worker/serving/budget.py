@@ -57,3 +57,47 @@ class ByteBudget:
             yield
         finally:
             self.release(taken)
+
+
+class SharedBudget:
+    """The process's pixel budget, of which bulk work may hold at most ``bulk_share``.
+
+    Bulk images take their share first and only then queue for the whole budget, so however many
+    backfill images wait, the rest of the budget is left for interactive ones: an interactive
+    image never waits, first come first served, behind a queue of bulk images.
+    """
+
+    def __init__(self, capacity: int, bulk_share: float = 0.5) -> None:
+        self.whole = ByteBudget(capacity)
+        self.bulk = ByteBudget(max(1, int(capacity * bulk_share)))
+
+    @property
+    def capacity(self) -> int:
+        return self.whole.capacity
+
+    @property
+    def in_use(self) -> int:
+        return self.whole.in_use
+
+    def acquire(self, nbytes: int, bulk: bool = False, timeout: float | None = None) -> tuple[int, int]:
+        """Take ``nbytes``; returns the token :meth:`release` takes."""
+        from_bulk = self.bulk.acquire(nbytes, timeout) if bulk else 0
+        try:
+            return from_bulk, self.whole.acquire(nbytes, timeout)
+        except BaseException:
+            self.bulk.release(from_bulk)
+            raise
+
+    def release(self, taken: tuple[int, int]) -> None:
+        from_bulk, from_whole = taken
+        self.whole.release(from_whole)
+        if from_bulk:
+            self.bulk.release(from_bulk)
+
+    @contextmanager
+    def hold(self, nbytes: int, bulk: bool = False, timeout: float | None = None) -> Iterator[None]:
+        taken = self.acquire(nbytes, bulk, timeout)
+        try:
+            yield
+        finally:
+            self.release(taken)

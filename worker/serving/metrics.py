@@ -22,6 +22,14 @@ FORWARD_TIME = Histogram(
 )
 IMAGES_SCORED = Counter("realscore_images_scored_total", "Images scored successfully")
 ERRORS = Counter("realscore_errors_total", "Images that became error results", ["code"])
+CACHE_LOOKUPS = Counter(
+    "realscore_cache_lookups_total",
+    "Result-cache lookups by outcome (hit, miss, error, skipped after an error)",
+    ["outcome"],
+)
+CACHE_ERRORS = Counter(
+    "realscore_cache_errors_total", "Result-cache operations that failed (get, put)", ["op"]
+)
 
 
 def serve(port: int) -> None:

@@ -1,4 +1,7 @@
-"""``realscore worker``: load the model, then run Celery's worker on it; or one process per GPU.
+"""``realscore worker``: load the model, then run Celery's worker on it; or supervise several
+worker processes (``--gpus``: one group per GPU; ``--procs-per-gpu N``: N processes per GPU, each
+with its own model and batcher, which lifts the cap one process's GIL and Celery thread pool put on
+single-image tasks).
 
 The model is loaded here, before Celery's main loop even connects, so a worker that cannot load
 it exits non-zero with the reason and never takes a task (an exception in a signal handler such
@@ -16,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 
 from shared.celery_app import app, configure_worker
 from shared.model_files import ModelFilesError, check_tower, head_weights_path
@@ -96,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         error.show()
         return EXIT_USAGE
     gpu_ids = _gpu_ids(args.gpus) if args.gpus else None
+    procs = getattr(args, "procs_per_gpu", 1) or 1
+    if procs < 1:
+        raise UsageError(f"--procs-per-gpu takes a number of at least 1; got {procs}")
     try:
         head_weights_path(settings)
         check_tower(settings.model)
@@ -103,14 +110,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"realscore worker: cannot load the model: {error}", file=sys.stderr)
         return EXIT_FAILURE
     if gpu_ids is not None:
-        return supervise(gpu_ids, args.extra, settings)
+        return supervise(plan_children(gpu_ids, procs, args.extra, settings), args.extra)
+    if procs > 1:
+        return supervise(plan_children([None], procs, args.extra, settings), args.extra)
     return serve(settings, args.extra)
 
 
 def serve(settings: Settings, extra: list[str]) -> int:
     from celery import signals
 
-    from worker.serving import metrics, runtime
+    from worker.serving import bulk_gate, metrics, runtime
     from worker.serving.attempts import AttemptCounter
     from worker.model.loader import ModelLoadError, load_model
     from worker.model.modes import DecodeModeError
@@ -156,6 +165,8 @@ def serve(settings: Settings, extra: list[str]) -> int:
         bookkeeping, settings.max_attempts, settings.visibility_timeout * (settings.max_attempts + 1)
     )
     runtime.install(runtime.WorkerRuntime(service, attempts))
+    bulk_gate.install(bulk_gate.BulkGate(settings.bulk_task_slots))
+    app.steps["consumer"].add(bulk_gate.GateStep)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)
@@ -179,6 +190,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
         signals.worker_shutting_down.disconnect(drain)
         ended = service.stop()  # Celery's warm shutdown waited for running tasks; drain the rest
         runtime.install(None)
+        bulk_gate.install(None)
     if not ended:  # a hung forward holds the batcher thread: do not wait for it at exit
         log.critical("the batcher thread is still inside a forward pass: exiting without it")
         logging.shutdown()
@@ -222,35 +234,108 @@ def _gpu_ids(spec: str) -> list[int]:
     return ids
 
 
-def supervise(gpu_ids: list[int], extra: list[str], settings: Settings) -> int:
-    """One worker process per GPU, each pinned to its device; they start and stop together.
+@dataclass(frozen=True)
+class Child:
+    """One worker process of a supervised group: its node name, GPU (or none) and metrics port."""
+
+    node: str
+    gpu: int | None
+    metrics_port: int | None
+
+
+def user_node_name(extra: list[str]) -> str | None:
+    """The ``-n``/``--hostname`` the caller gave celery (the last one wins, as in celery)."""
+    found = None
+    for i, arg in enumerate(extra):
+        if arg in ("-n", "--hostname") and i + 1 < len(extra):
+            found = extra[i + 1]
+        elif arg.startswith("--hostname="):
+            found = arg.split("=", 1)[1]
+        elif arg.startswith("-n") and len(arg) > 2 and not arg.startswith("--"):
+            found = arg[2:]
+    return found
+
+
+def plan_children(
+    gpus: list[int | None], procs_per_gpu: int, extra: list[str], settings: Settings
+) -> list[Child]:
+    """``procs_per_gpu`` processes for each GPU (``None``: the configured device), each with its
+    own node name (the caller's ``-n NAME@HOST`` becomes ``NAME-gpu0-1@HOST``; without one,
+    ``gpu0@%h`` as before, ``gpu0-1@%h`` or ``proc1@%h``) and, with metrics on, its own port."""
+    given = user_node_name(extra)
+    name, host = given.split("@", 1) if given and "@" in given else (given, "%h")
+    children = []
+    for gpu in gpus:
+        for proc in range(procs_per_gpu):
+            parts = [] if gpu is None else [f"gpu{gpu}"]
+            if procs_per_gpu > 1:
+                parts.append(str(proc) if parts or name else f"proc{proc}")
+            suffix = "-".join(parts)
+            node = "-".join(part for part in (name, suffix) if part) + f"@{host}"
+            slot = (gpu or 0) * procs_per_gpu + proc
+            port = settings.metrics_port + slot if settings.metrics_port else None
+            if port is not None and port > 65535:
+                raise UsageError(
+                    f"REALSCORE_METRICS_PORT={settings.metrics_port} leaves no port for {node} "
+                    f"(it would need {port})"
+                )
+            children.append(Child(node, gpu, port))
+    return children
+
+
+def supervise(plan: list[Child], extra: list[str]) -> int:
+    """The planned worker processes, pinned to their GPUs; they start and stop together.
 
     Children get their own session, so a terminal's Ctrl-C reaches them once, through us: a
-    second SIGINT would make Celery's shutdown cold.
+    second SIGINT would make Celery's shutdown cold. The first child to exit stops the others (a
+    half-up worker group is worse than a restart); an unexpected exit is reported on stderr.
     """
-    children: list[subprocess.Popen] = []
-    for gpu in gpu_ids:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), REALSCORE_DEVICE="cuda:0")
-        if settings.metrics_port:
-            env["REALSCORE_METRICS_PORT"] = str(settings.metrics_port + gpu)
-        # Our node name goes last so it wins over a user's -n: each child needs its own.
-        command = [sys.executable, "-m", "shared.cli", "worker", *extra, "-n", f"gpu{gpu}@%h"]
-        children.append(subprocess.Popen(command, env=env, start_new_session=True))
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/realscore] %(message)s")
+    children: list[tuple[Child, subprocess.Popen]] = []
+    stopping: list[int] = []  # the signal already forwarded, if any
 
     def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        if stopping and signum == stopping[0]:
+            return  # each child gets one warm-shutdown signal; a repeat would make it cold
+        stopping[:] = [signum]
+        for _, process in children:
+            if process.poll() is None:
+                process.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, forward)
-    # The first child to exit ends them all: a half-up multi-GPU worker is worse than a restart.
+    for child in plan:
+        env = dict(os.environ)
+        if child.gpu is not None:
+            env.update(CUDA_VISIBLE_DEVICES=str(child.gpu), REALSCORE_DEVICE="cuda:0")
+        if child.metrics_port:
+            env["REALSCORE_METRICS_PORT"] = str(child.metrics_port)
+        # Our node name goes last so it wins over a user's -n: each child needs its own.
+        command = [sys.executable, "-m", "shared.cli", "worker", *extra, "-n", child.node]
+        children.append((child, subprocess.Popen(command, env=env, start_new_session=True)))
+        if stopping:  # a signal came while we were starting them: do not start more
+            forward(stopping[0], None)
+            break
+    log.info("supervising %d worker processes: %s", len(children), ", ".join(c.node for c in plan))
     pid, status = os.wait()
-    for child in children:
-        if child.pid == pid:
-            child.returncode = os.waitstatus_to_exitcode(status)
+    for child, process in children:
+        if process.pid == pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            if not stopping:
+                print(
+                    f"realscore worker: {child.node} (pid {pid}) exited with "
+                    f"{_describe(process.returncode)}; stopping the other worker processes",
+                    file=sys.stderr,
+                    flush=True,
+                )
     forward(signal.SIGTERM, None)
-    codes = [child.wait() for child in children]
+    codes = [process.wait() for _, process in children]
     if all(code == 0 for code in codes):
         return 0
     return max(max(codes), EXIT_FAILURE)  # killed by a signal (negative) is a failure too
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

@@ -5,6 +5,8 @@
 Fetch, the header check and the preprocessing mode's CPU work run on the calling thread (I/O and
 Pillow release the GIL); the batcher thread runs the mode's device work and the model
 (worker/model/modes.py). Every failure becomes an error result for that image.
+With a result cache (``REALSCORE_CACHE_URL``) a score is looked up by the bytes' sha256 right
+after the fetch: a hit returns ``cached: true`` without decoding or touching the batcher.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from shared.settings import Settings
 from worker.model import decode
 from worker.serving import metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
-from worker.serving.budget import ByteBudget
+from worker.serving.budget import SharedBudget
+from worker.serving.cache import ScoreCache
 from worker.lifecycle.features import encode_features
 from worker.model.loader import Launched, LoadedModel
 from worker.model.modes import Collated, Staged, make_mode
@@ -82,6 +85,7 @@ class ScoringService:
         max_batch_size: int | None = None,
         threads: int | None = None,
         on_broken: Callable[[BaseException], None] | None = None,
+        cache: ScoreCache | None = None,
     ) -> None:
         self.loaded = loaded
         self.settings = settings
@@ -106,7 +110,8 @@ class ScoringService:
             # lane, as many threads each) fetch for `score_many`: all can hold a connection.
             max_pool_connections=max(settings.task_concurrency + threads * len(Lane), 10),
         )
-        self.budget = ByteBudget(settings.pending_bytes)
+        # Bulk images may hold half the pixel budget: the other half stays for interactive ones.
+        self.budget = SharedBudget(settings.pending_bytes)
         on_gpu = loaded.device.type == "cuda"
         self.batcher: DynamicBatcher[_Item, tuple[float, torch.Tensor | None]] = DynamicBatcher(
             self._stage,
@@ -125,8 +130,29 @@ class ScoringService:
             lane: ThreadPoolExecutor(threads, thread_name_prefix=f"realscore-{lane.name.lower()}")
             for lane in Lane
         }
+        self.cache = cache if cache is not None else self._cache_from_settings()
         # Our own header check is the pixel limit; Pillow's global one must not refuse first.
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_image_pixels)
+
+    @property
+    def decode_mode(self) -> str:
+        """The preprocessing that produced this service's scores (part of the cache key)."""
+        return self.mode.name
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.loaded.dtype).removeprefix("torch.")
+
+    def _cache_from_settings(self) -> ScoreCache | None:
+        if not self.settings.cache_url:
+            return None
+        return ScoreCache.from_url(
+            self.settings.cache_url,
+            model=self.results.model,
+            dtype=self.dtype_name,
+            decode_mode=self.decode_mode,
+            ttl_s=self.settings.cache_ttl,
+        )
 
     @property
     def healthy(self) -> bool:
@@ -146,7 +172,10 @@ class ScoringService:
         Returns whether the batcher thread has ended."""
         for pool in self._pools.values():
             pool.shutdown(wait=True)
-        return self.batcher.stop(broken_timeout if self.batcher.broken else None)
+        ended = self.batcher.stop(broken_timeout if self.batcher.broken else None)
+        if self.cache is not None:
+            self.cache.close()
+        return ended
 
     @torch.inference_mode()
     def _stage(self, items: list[_Item]) -> _InFlight:
@@ -175,18 +204,20 @@ class ScoringService:
             row += 1
         return outputs
 
-    def prepare(self, uri: object) -> Prepared:
+    def prepare(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Prepared:
         """Fetch, check the header and stage one image (on the calling thread)."""
         data = self.sources.fetch(uri)
-        return self.prepare_bytes(data)
+        return self.prepare_bytes(data, lane=lane)
 
-    def prepare_bytes(self, data: bytes) -> Prepared:
+    def prepare_bytes(
+        self, data: bytes, sha256: str | None = None, lane: Lane = Lane.INTERACTIVE
+    ) -> Prepared:
         """Check the header and run the mode's CPU work, within the process's pixel budget (the
         compressed bytes count too)."""
-        sha256 = hashlib.sha256(data).hexdigest()
+        sha256 = sha256 or hashlib.sha256(data).hexdigest()
         try:
             image = decode.open_image(data, max_pixels=self.settings.max_image_pixels)
-            staged = self.mode.stage(image, data, lambda nbytes: self.budget.hold(nbytes + len(data)))
+            staged = self.mode.stage(image, data, lambda nbytes: self.budget.hold(nbytes + len(data), lane is Lane.BULK))
         except ScoringError as error:
             error.sha256 = sha256  # type: ignore[attr-defined]
             raise
@@ -196,7 +227,7 @@ class ScoringService:
         self, prepared: Prepared, lane: Lane = Lane.INTERACTIVE, *, with_features: bool = False
     ) -> tuple[float, torch.Tensor | None]:
         """Score (and features if asked) of a prepared image, through the batcher (blocks)."""
-        taken = self.budget.acquire(prepared.staged.nbytes)
+        taken = self.budget.acquire(prepared.staged.nbytes, lane is Lane.BULK)
         item = _Item(prepared.staged.payload, with_features)
         try:
             future = self.batcher.submit(item, lane, on_done=lambda: self.budget.release(taken))
@@ -207,14 +238,47 @@ class ScoringService:
 
     def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
         """One result, never an exception."""
-        return self.score_prepared(uri, lambda: self.prepare(uri), lane)
+        if self.cache is not None:
+            return self._score_cached(self.cache, uri, lambda: self.sources.fetch(uri), lane)
+        return self.score_prepared(uri, lambda: self.prepare(uri, lane), lane)
 
     def score_bytes(self, uri: str, data: bytes, lane: Lane = Lane.INTERACTIVE) -> Result:
         """A result for image bytes already in memory (``uri`` only labels it)."""
-        return self.score_prepared(uri, lambda: self.prepare_bytes(data), lane)
+        if self.cache is not None:
+            return self._score_cached(self.cache, uri, lambda: data, lane)
+        return self.score_prepared(uri, lambda: self.prepare_bytes(data, lane=lane), lane)
 
-    def score_prepared(self, uri: object, prepare: Callable[[], Prepared], lane: Lane) -> Result:
-        outcome = self._run(uri, prepare, lane)
+    def _score_cached(
+        self, cache: ScoreCache, uri: object, fetch: Callable[[], bytes], lane: Lane
+    ) -> Result:
+        """Fetch, then the cached raw score of those bytes, else score them and remember it."""
+        started = time.monotonic()
+        try:
+            data = fetch()
+        except Exception as error:  # noqa: BLE001 - every failure is a per-image result
+            return self.error_result(uri, error, getattr(error, "sha256", None), started)
+        sha256 = hashlib.sha256(data).hexdigest()
+        leader = False
+        score = cache.get(sha256)
+        if score is None:  # the same bytes may be in flight here already: wait for their score
+            leader, flight = cache.flights.join(sha256)
+            score = None if leader else flight.result()
+        if score is not None:
+            return self.results.ok(uri, score, sha256=sha256, elapsed_ms=_ms_since(started), cached=True)  # type: ignore[arg-type]
+        result = None
+        try:
+            result = self.score_prepared(uri, lambda: self.prepare_bytes(data, sha256, lane), lane, started)
+            if result["ok"]:
+                cache.put(sha256, result["score"])  # type: ignore[arg-type]
+        finally:
+            if leader:
+                cache.flights.finish(sha256, result["score"] if result and result["ok"] else None)
+        return result
+
+    def score_prepared(
+        self, uri: object, prepare: Callable[[], Prepared], lane: Lane, started: float | None = None
+    ) -> Result:
+        outcome = self._run(uri, prepare, lane, started)
         if isinstance(outcome, _Failure):
             return outcome.result
         metrics.IMAGES_SCORED.inc()
@@ -222,7 +286,7 @@ class ScoringService:
 
     def embed_uri(self, uri: object, lane: Lane = Lane.BULK) -> dict:
         """Pooled features of one image for training, encoded compactly (base64 float16)."""
-        outcome = self._run(uri, lambda: self.prepare(uri), lane, with_features=True)
+        outcome = self._run(uri, lambda: self.prepare(uri, lane), lane, with_features=True)
         if isinstance(outcome, _Failure):
             return embed_row(outcome.result)
         return embed_row(
@@ -231,10 +295,16 @@ class ScoringService:
         )
 
     def _run(
-        self, uri: object, prepare: Callable[[], Prepared], lane: Lane, *, with_features: bool = False
+        self,
+        uri: object,
+        prepare: Callable[[], Prepared],
+        lane: Lane,
+        started: float | None = None,
+        *,
+        with_features: bool = False,
     ) -> _Done | _Failure:
         """Prepare and infer one image; any failure becomes its error result."""
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         sha256 = None
         try:
             prepared = prepare()

@@ -19,6 +19,7 @@ from shared.results import Result
 from shared.task_names import BULK_QUEUE, EMBED, MAX_URIS_PER_TASK, SCORE, SCORE_MANY
 from worker.serving import metrics, runtime
 from worker.serving.batcher import Lane
+from worker.serving.bulk_gate import bulk_slot
 from worker.serving.delivery import DeliveredTask, Plan, check_not_draining, current_plan
 from worker.serving.service import ScoringService, embed_row
 
@@ -92,9 +93,10 @@ def _many(
             return as_row(_errors([uri], ErrorCode.BAD_REQUEST, reason)[0])
         return one(service, uri, lane)
 
-    return _planned(
-        current_plan(), uris, each, lambda function, items: service.map(function, items, lane), as_row
-    )
+    with bulk_slot(lane is Lane.BULK):  # at most BULK_TASK_SLOTS bulk chunks scoring at once
+        return _planned(
+            current_plan(), uris, each, lambda function, items: service.map(function, items, lane), as_row
+        )
 
 
 def _as_result(result: Result) -> Result:

@@ -1,0 +1,97 @@
+"""Where a backfill's chunks are scored: through Redis and the workers, or in this process.
+
+Both hand out a :class:`ChunkHandle` per chunk that the driver polls without blocking. The
+in-process scorer imports ``worker`` (torch, Pillow) only when it is built, so the queue path
+works on a machine installed without the worker extra.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+from shared import client
+from shared.task_names import BULK_QUEUE
+
+
+class ChunkHandle(Protocol):
+    def ready(self) -> bool: ...
+
+    def get(self) -> list[dict[str, Any]]:
+        """The chunk's rows, in order; raises if the chunk failed as a whole."""
+        ...
+
+    def abandon(self) -> None:
+        """We stopped waiting: let whoever still works on it drop it if it can."""
+        ...
+
+
+class ChunkScorer(Protocol):
+    def send(self, uris: list[str]) -> ChunkHandle: ...
+
+    def close(self) -> None: ...
+
+
+class _TaskHandle:
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def ready(self) -> bool:
+        return bool(self._handle.ready())
+
+    def get(self) -> list[dict[str, Any]]:
+        try:
+            return list(self._handle.get(timeout=30, propagate=True))
+        finally:
+            self._handle.forget()  # we have it; do not keep it in Redis until RESULT_EXPIRES
+
+    def abandon(self) -> None:
+        # A worker holding the message (or taking its redelivery) skips it instead of scoring it
+        # a second time; its result would be ignored anyway.
+        self._handle.revoke()
+        self._handle.forget()
+
+
+class QueueScorer:
+    """``realscore.score_many`` tasks on the bulk queue, sent through :mod:`shared.client`."""
+
+    def send(self, uris: list[str]) -> ChunkHandle:
+        (handle,) = client.submit_many(uris, queue=BULK_QUEUE)  # no expiry: a backfill waits
+        return _TaskHandle(handle)
+
+    def close(self) -> None:
+        pass
+
+
+class _FutureHandle:
+    def __init__(self, future: Future) -> None:
+        self._future = future
+
+    def ready(self) -> bool:
+        return self._future.done()
+
+    def get(self) -> list[dict[str, Any]]:
+        return list(self._future.result())
+
+    def abandon(self) -> None:
+        self._future.cancel()
+
+
+class InProcessScorer:
+    """The model loaded here (``--in-process``): needs the worker extra, no Redis."""
+
+    def __init__(self, max_in_flight: int) -> None:
+        from shared.settings import get_settings
+        from worker.serving.batcher import Lane
+        from worker.serving.embedded import start_service
+
+        self._lane = Lane.BULK
+        self._service = start_service(get_settings())
+        self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="realscore-backfill")
+
+    def send(self, uris: list[str]) -> ChunkHandle:
+        return _FutureHandle(self._pool.submit(self._service.score_uris, uris, self._lane))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._service.stop()

@@ -1,0 +1,154 @@
+"""Caps the bulk chunks one worker process has in hand, so interactive work always finds a thread.
+
+Celery's thread pool prefetches one message per task thread and a message holds its thread
+until it is acknowledged (late acks). With a bulk backlog queued, every thread would end up
+holding a chunk, and an interactive message would not even be received until one finished: the
+batcher's interactive lane would never see it. So when the ``BULK_TASK_SLOTS``-th bulk chunk is
+received, this gate stops consuming ``realscore.bulk`` (Celery's own ``cancel_task_queue``, called
+right there on the consumer's thread, before it asks Redis for another message) and resumes when
+one of them finishes. The other threads and prefetch slots stay for interactive messages, which
+Redis hands out first (``queue_order_strategy: priority``). The slots themselves are a semaphore
+too, so a chunk received in any race waits for one (its wait counts no delivery attempt).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import bootsteps, signals
+
+from shared.task_names import BULK_QUEUE
+
+log = logging.getLogger(__name__)
+
+
+def _is_bulk(delivery_info: dict | None) -> bool:
+    return (delivery_info or {}).get("routing_key") == BULK_QUEUE
+
+
+class BulkGate:
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.slots = slots
+        self._slots = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self.in_hand = 0
+        self._paused = False
+        self._consumer: Any = None
+        self._managed: bool | None = None  # whether this worker consumes the bulk queue at all
+
+    # Celery's side -----------------------------------------------------------------------------
+    def attach(self, consumer: Any) -> None:
+        """The consumer whose bulk queue this gate closes and opens (again after a reconnect;
+        the queue stays off if the gate had closed it)."""
+        with self._lock:
+            if self._managed is None:  # first start: a `-Q realscore` worker is left alone
+                self._managed = BULK_QUEUE in consumer.app.amqp.queues.consume_from
+            self._consumer = consumer if self._managed else None
+
+    def detach(self) -> None:
+        with self._lock:
+            self._consumer = None
+
+    def received(self, delivery_info: dict | None) -> None:
+        """A message was received (on the consumer's thread): close the queue at the cap."""
+        if not _is_bulk(delivery_info):
+            return
+        with self._lock:
+            self.in_hand += 1
+            close = self.in_hand >= self.slots and not self._paused
+            self._paused = self._paused or close
+            consumer = self._consumer
+        if close and consumer is not None:
+            self._apply(consumer)  # now, before the consumer fetches its next message
+
+    def finished(self, delivery_info: dict | None) -> None:
+        """A bulk task ended (any thread): reopen the queue below the cap."""
+        if not _is_bulk(delivery_info):
+            return
+        with self._lock:
+            self.in_hand = max(self.in_hand - 1, 0)
+            reopen = self.in_hand < self.slots and self._paused
+            self._paused = self._paused and not reopen
+            consumer = self._consumer
+        if reopen and consumer is not None:
+            consumer.call_soon(self._apply, consumer)  # the consumer's loop runs it
+
+    def _apply(self, consumer: Any) -> None:
+        """Make the bulk queue consumed or not as wanted *now* (callbacks may run out of order)."""
+        with self._lock:
+            paused = self._paused
+        task_consumer = consumer.task_consumer
+        if task_consumer is None:
+            return
+        consuming = task_consumer.consuming_from(BULK_QUEUE)
+        if paused and consuming:
+            consumer.cancel_task_queue(BULK_QUEUE)
+        elif not paused and not consuming:
+            consumer.add_task_queue(BULK_QUEUE)
+
+    # The task's side ---------------------------------------------------------------------------
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._slots:
+            yield
+
+
+_gate: BulkGate | None = None
+
+
+def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    if _gate is not None and request is not None:
+        _gate.received(request.delivery_info)
+
+
+def _on_postrun(sender: Any = None, task: Any = None, **_: Any) -> None:
+    if _gate is not None and task is not None:
+        _gate.finished(task.request.delivery_info)
+
+
+def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    if _gate is not None and request is not None:
+        _gate.finished(getattr(request, "delivery_info", None))
+
+
+def install(gate: BulkGate | None) -> None:
+    """Use ``gate`` in this worker process (``None``: no cap)."""
+    global _gate
+    _gate = gate
+    if gate is not None:
+        signals.task_received.connect(_on_received, weak=False)
+        signals.task_postrun.connect(_on_postrun, weak=False)
+        signals.task_revoked.connect(_on_revoked, weak=False)
+
+
+@contextmanager
+def bulk_slot(is_bulk: bool) -> Iterator[None]:
+    """One of the bulk slots, for bulk work when a gate is installed; nothing otherwise."""
+    gate = _gate
+    if gate is None or not is_bulk:
+        yield
+        return
+    with gate.slot():
+        yield
+
+
+class GateStep(bootsteps.StartStopStep):
+    """Hands the worker's consumer to the installed gate (added to ``app.steps['consumer']``)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        if _gate is not None:
+            _gate.attach(c)
+
+    def stop(self, c: Any) -> None:
+        if _gate is not None:
+            _gate.detach()
+
+    shutdown = stop
