@@ -151,7 +151,9 @@ def private(worker_env: dict, tmp_path_factory: pytest.TempPathFactory, served_d
     with private_redis() as url:
         env = {**worker_env, "REALSCORE_BROKER_URL": url, "REALSCORE_RESULT_BACKEND": url,
                "REALSCORE_VISIBILITY_TIMEOUT": str(VISIBILITY), "REALSCORE_BULK_TASK_SLOTS": "1",
-               "REALSCORE_MAX_BATCH_SIZE": "8", "REALSCORE_MAX_WAIT_MS": "20"}
+               "REALSCORE_MAX_BATCH_SIZE": "8", "REALSCORE_MAX_WAIT_MS": "20",
+               # a 10 s visibility timeout needs short per-image deadlines (the worker checks)
+               "REALSCORE_FETCH_TIMEOUT": "2", "REALSCORE_FORWARD_TIMEOUT": "2.5"}
         env.pop("REALSCORE_METRICS_PORT", None)  # the session's worker serves that port
         yield url, env
 
