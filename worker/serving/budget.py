@@ -33,6 +33,9 @@ class ByteBudget:
         wanted = max(0, min(nbytes, self.capacity))
         turn = object()
         with self._cond:
+            if not self._waiters and self._available >= wanted:  # nobody queued: no turn to wait
+                self._available -= wanted
+                return wanted
             self._waiters.append(turn)
             try:
                 if not self._cond.wait_for(
@@ -48,7 +51,8 @@ class ByteBudget:
     def release(self, taken: int) -> None:
         with self._cond:
             self._available = min(self.capacity, self._available + taken)
-            self._cond.notify_all()
+            if self._waiters:  # every thread waiting on the condition is in the queue
+                self._cond.notify_all()
 
     @contextmanager
     def hold(self, nbytes: int, timeout: float | None = None) -> Iterator[None]:

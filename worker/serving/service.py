@@ -229,12 +229,13 @@ class ScoringService:
         """Score (and features if asked) of a prepared image, through the batcher (blocks)."""
         taken = self.budget.acquire(prepared.staged.nbytes, lane is Lane.BULK)
         item = _Item(prepared.staged.payload, with_features)
+        # Released here, not by the batcher's on_done: the budget's lock is contended by every
+        # task thread, and the one batcher thread must not wait for it (and then for the GIL)
+        # once per image.
         try:
-            future = self.batcher.submit(item, lane, on_done=lambda: self.budget.release(taken))
-        except BaseException:
+            return self.batcher.submit(item, lane).result()
+        finally:
             self.budget.release(taken)
-            raise
-        return future.result()
 
     def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
         """One result, never an exception."""
