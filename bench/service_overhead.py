@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode", default="gpu")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="fetch threads (default TASK_CONCURRENCY)")
     parser.add_argument("--data", type=Path, default=None, help="reuse a built tower and images here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +54,7 @@ def main() -> None:
 
         loaded = load_model(str(root / "clip"), root / "head.pth", device="cpu", dtype="auto")
         settings = load_settings(decode=args.decode, max_batch_size=args.batch)
-        service = ScoringService(loaded, settings, local_roots=[root]).start()
+        service = ScoringService(loaded, settings, local_roots=[root], threads=args.threads or None).start()
         try:
             service.score_uris(paths[: 2 * args.batch])  # warm-up
             prepare_ms, score_rate = [], []
@@ -71,7 +72,7 @@ def main() -> None:
         finally:
             service.stop()
     print(f"prepare, one thread: {min(prepare_ms):.3f} ms/image (best of {args.rounds})")
-    print(f"score_uris, {settings.task_concurrency} threads: {max(score_rate):.1f} images/s (best of {args.rounds})")
+    print(f"score_uris, {args.threads or settings.task_concurrency} threads: {max(score_rate):.1f} images/s (best of {args.rounds})")
 
 
 if __name__ == "__main__":
