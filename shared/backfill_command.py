@@ -71,6 +71,13 @@ def _open_state(args: argparse.Namespace, source_text: str) -> BackfillState:
     except StateMismatch as error:
         state.close()
         raise UsageError(f"{error}: use another --out") from None
+    written = os.path.getsize(args.out) if os.path.exists(args.out) else 0
+    if written < state.committed_bytes:
+        state.close()
+        raise UsageError(
+            f"{args.out} is shorter ({written} bytes) than its state says ({state.committed_bytes}): "
+            "rows the state counts as done are missing; choose a new --out"
+        )
     return state
 
 

@@ -83,6 +83,8 @@ class OutputFile:
         if rows:
             self._file.write(encode_rows(rows, self.fmt).encode("utf-8"))
             self._file.flush()
+            # On disk before the state commits: after a power loss the state must not be ahead.
+            os.fsync(self._file.fileno())
         return self._file.tell()
 
     def close(self) -> None:

@@ -19,6 +19,8 @@ import time
 
 import redis
 
+from shared.redact import redact
+
 log = logging.getLogger(__name__)
 KEY_PREFIX = "realscore:attempts:"
 DEAD_LETTER_KEY = "realscore:dead-letter"
@@ -36,7 +38,7 @@ class AttemptCounter:
     def from_url(cls, url: str, max_attempts: int, ttl_seconds: int) -> AttemptCounter | None:
         """A counter on the Redis at ``url``; ``None`` for other brokers (no counting)."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            log.warning("attempt counting needs Redis; %s is not, so it is off", url.split("@")[-1])
+            log.warning("attempt counting needs Redis; %s is not, so it is off", redact(url))
             return None
         # Short socket timeouts: bookkeeping must never hold a task for long.
         return cls(
@@ -118,8 +120,8 @@ class AttemptCounter:
         entry = {
             "task_id": task_id,
             "task": task_name,
-            "reason": reason,
-            "uris": [uri if isinstance(uri, str) else repr(uri) for uri in uris],
+            "reason": redact(reason),
+            "uris": [redact(uri if isinstance(uri, str) else repr(uri)) for uri in uris],
             "attempts": attempt,
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

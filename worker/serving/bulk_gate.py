@@ -50,6 +50,9 @@ class BulkGate:
             if self._managed is None:  # first start: a `-Q realscore` worker is left alone
                 self._managed = BULK_QUEUE in consumer.app.amqp.queues.consume_from
             self._consumer = consumer if self._managed else None
+            managed = self._managed
+        if managed:  # a chunk may have finished while detached: consume bulk again if below the cap
+            self._apply(consumer)
 
     def detach(self) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 from celery import Task, states
-from celery.exceptions import Reject
+from celery.exceptions import BackendStoreError, Reject
 
 from worker.serving import runtime
 from worker.serving.batcher import ModelBroken
@@ -138,7 +138,7 @@ class DeliveredTask(Task):
             try:
                 self.backend.store_result(task_id, rows, states.SUCCESS, request=self.request)
                 return
-            except redis.RedisError as error:
+            except (redis.RedisError, BackendStoreError) as error:  # the latter: Celery's retries gave up
                 if pause is None:
                     log.error("task %s: result not stored (%r); the message goes back", task_id, error)
                     raise Reject(f"result not stored: {error!r}", requeue=True) from None
