@@ -23,9 +23,9 @@ from celery.result import AsyncResult
 
 from shared import client
 from shared.task_names import INTERACTIVE_QUEUE, SCORE, SCORE_MANY
-from tests.processes import WorkerProcess, wait_until
+from tests.processes import WorkerProcess, free_port, wait_until
 from tests.tiny_clip import noise_image
-from tests.worker_helpers import app_for, private_redis
+from tests.worker_helpers import app_for, private_redis, sample, scrape
 from worker.serving.attempts import KEY_PREFIX, AttemptCounter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,7 +243,8 @@ def private_worker(worker_env: dict, served_dir: Path, tmp_path_factory: pytest.
     with private_redis() as url:
         app = app_for(url)
         env = _private_env(
-            worker_env, url, REALSCORE_MAX_BATCH_SIZE="64", REALSCORE_MAX_WAIT_MS="10000"
+            worker_env, url, REALSCORE_MAX_BATCH_SIZE="64", REALSCORE_MAX_WAIT_MS="10000",
+            REALSCORE_METRICS_PORT=str(free_port()),
         )
         process = WorkerProcess(env, tmp_path_factory.mktemp("private") / "worker.log")
         yield app, process, images, url
@@ -293,6 +294,14 @@ def test_warm_shutdown_finishes_the_tasks_in_flight(private_worker) -> None:
         return len(reply.get(process.node, []))
 
     wait_until(lambda: running() == len(handles), 30, "tasks started")
+    # Started is not yet in the batcher (a task thread may still be fetching): warm shutdown
+    # hands back what has not reached it, so wait until all four wait there.
+    port = int(process.env["REALSCORE_METRICS_PORT"])
+    wait_until(
+        lambda: sample(scrape(port), "realscore_batcher_queued_images") == len(handles),
+        30,
+        "images waiting in the batcher",
+    )
     assert not any(AsyncResult(h.id, app=app).ready() for h in handles)
 
     process.process.send_signal(signal.SIGTERM)

@@ -139,6 +139,7 @@ class DynamicBatcher(Generic[Item, Output]):
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
             self._lanes[lane].append(pending)
+            metrics.BATCHER_QUEUED.set(self._queued())
             self._cond.notify()
         return pending.future
 
@@ -192,6 +193,7 @@ class DynamicBatcher(Generic[Item, Output]):
         for lane in self._lanes:  # interactive first
             while lane and len(batch) < self.max_batch_size:
                 batch.append(lane.popleft())
+        metrics.BATCHER_QUEUED.set(self._queued())
         return batch
 
     def _run(self) -> None:
@@ -309,6 +311,7 @@ class DynamicBatcher(Generic[Item, Output]):
             held += [*self._lanes[0], *self._lanes[1]]
             self._lanes[0].clear()
             self._lanes[1].clear()
+            metrics.BATCHER_QUEUED.set(0)
             self._cond.notify_all()
         log.critical("the model is unusable (%s): %r", why, error)
         gone = ModelBroken(f"the model is broken ({why}): {error!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 BATCH_SIZE = Histogram(
     "realscore_batch_size",
@@ -19,6 +19,9 @@ FORWARD_TIME = Histogram(
     "realscore_forward_seconds",
     "Duration of one forward pass",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCHER_QUEUED = Gauge(
+    "realscore_batcher_queued_images", "Images waiting in the batcher for their forward pass"
 )
 IMAGES_SCORED = Counter("realscore_images_scored_total", "Images scored successfully")
 ERRORS = Counter("realscore_errors_total", "Images that became error results", ["code"])
