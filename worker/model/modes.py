@@ -152,8 +152,14 @@ class TensorMode(Mode):
 
 @dataclass(frozen=True)
 class _Jpeg:
-    data: bytes
+    # uint8 view of a private copy, made on the task thread: the batcher thread is the measured
+    # limit of gpu mode, so it must not copy every JPEG itself.
+    encoded: torch.Tensor
     orientation: int
+
+
+def _encoded(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # writable: no torch warning
 
 
 class GpuMode(TensorMode):
@@ -171,7 +177,7 @@ class GpuMode(TensorMode):
     def stage(self, image: Image.Image, data: bytes, hold: Hold) -> Staged:
         if image.format == "JPEG" and image.mode in ("RGB", "L") and _has_end_marker(data):
             with hold(0):  # the compressed bytes only: they wait in the queue
-                return Staged(_Jpeg(data, decode.orientation(image)), len(data))
+                return Staged(_Jpeg(_encoded(data), decode.orientation(image)), len(data))
         return super().stage(image, data, hold)
 
     def collate(self, payloads: list[object]) -> Collated:
@@ -196,7 +202,7 @@ class GpuMode(TensorMode):
         alone, and Pillow for an image the device decoder refuses (it tells corrupt from odd)."""
         if not jpegs:
             return []
-        tensors = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
+        tensors = [j.encoded for j in jpegs]
         try:
             frames = self._decode_jpeg(tensors, mode=self._rgb, device=self.device)
         except RuntimeError:
@@ -209,7 +215,7 @@ class GpuMode(TensorMode):
         except RuntimeError as error:
             log.info("device JPEG decode refused an image (%s); decoding it with Pillow", error)
         try:  # Pillow applies the orientation itself
-            image = decode.open_image(jpeg.data, max_pixels=1 << 62)  # checked on the task thread
+            image = decode.open_image(jpeg.encoded.numpy().tobytes(), max_pixels=1 << 62)  # checked on the task thread
             frame = self.decode_frame(image, _no_hold)
         except ScoringError as error:
             return error
