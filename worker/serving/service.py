@@ -29,7 +29,7 @@ from shared.settings import Settings
 from worker.model import decode
 from worker.serving import metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
-from worker.serving.budget import SharedBudget
+from worker.serving.budget import Held, SharedBudget
 from worker.serving.cache import ScoreCache
 from worker.lifecycle.features import encode_features
 from worker.model.loader import Launched, LoadedModel
@@ -42,10 +42,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Prepared:
-    """An image ready for the batcher (what its preprocessing mode staged)."""
+    """An image ready for the batcher (what its preprocessing mode staged), and the pixel budget
+    it holds until :meth:`ScoringService.infer` has scored it."""
 
     staged: Staged
     sha256: str
+    held: Held
 
 
 @dataclass(frozen=True)
@@ -213,21 +215,30 @@ class ScoringService:
         self, data: bytes, sha256: str | None = None, lane: Lane = Lane.INTERACTIVE
     ) -> Prepared:
         """Check the header and run the mode's CPU work, within the process's pixel budget (the
-        compressed bytes count too)."""
+        compressed bytes count too). The budget the decode took stays held, shrunk to the staged
+        bytes, until :meth:`infer` has scored the image: a decoded frame waiting for the batcher
+        is counted like one being decoded."""
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
+        held = Held(self.budget, bulk=lane is Lane.BULK)
         try:
             image = decode.open_image(data, max_pixels=self.settings.max_image_pixels)
-            staged = self.mode.stage(image, data, lambda nbytes: self.budget.hold(nbytes + len(data), lane is Lane.BULK))
-        except ScoringError as error:
-            error.sha256 = sha256  # type: ignore[attr-defined]
+            staged = self.mode.stage(image, data, lambda nbytes: held.hold(nbytes + len(data)))
+            held.keep(staged.nbytes)
+        except BaseException as error:
+            held.release()
+            if isinstance(error, ScoringError):
+                error.sha256 = sha256  # type: ignore[attr-defined]
             raise
-        return Prepared(staged, sha256)
+        return Prepared(staged, sha256, held)
 
     def infer(
         self, prepared: Prepared, lane: Lane = Lane.INTERACTIVE, *, with_features: bool = False
     ) -> tuple[float, torch.Tensor | None]:
-        """Score (and features if asked) of a prepared image, through the batcher (blocks)."""
-        taken = self.budget.acquire(prepared.staged.nbytes, lane is Lane.BULK)
+        """Score (and features if asked) of a prepared image, through the batcher (blocks); the
+        image's pixel budget is given back once its batch has ended."""
+        held = prepared.held
+        if not held.taken:  # scored again: its first infer gave the budget back
+            held.take(prepared.staged.nbytes)
         item = _Item(prepared.staged.payload, with_features)
         # Released here, not by the batcher's on_done: the budget's lock is contended by every
         # task thread, and the one batcher thread must not wait for it (and then for the GIL)
@@ -235,7 +246,7 @@ class ScoringService:
         try:
             return self.batcher.submit(item, lane).result()
         finally:
-            self.budget.release(taken)
+            held.release()
 
     def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
         """One result, never an exception."""
