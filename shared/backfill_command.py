@@ -154,7 +154,8 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         print(f"realscore backfill: the workers cannot read the source: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except (OperationalError, RedisError, RuntimeError) as error:
-        # RuntimeError: Celery's "retry limit exceeded" reconnecting to the result backend.
+        if isinstance(error, RuntimeError) and not _backend_gave_up(error):
+            raise  # a bug, not a lost connection: its traceback, not a user-facing line
         progress.close()
         print(f"realscore backfill: lost the broker or result backend: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -166,3 +167,15 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         if not finished:
             print(f"realscore backfill: stopped before the end; resume with: {resume}", file=sys.stderr)
     return EXIT_OK if finished else EXIT_INTERRUPTED
+
+
+def _backend_gave_up(error: RuntimeError) -> bool:
+    """Celery's result consumer raises a bare RuntimeError ("Retry limit exceeded while trying to
+    reconnect to the Celery result store backend") from the connection error that outlasted its
+    reconnects: that one is a lost backend; any other RuntimeError is a bug."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    cause = error.__cause__
+    lost = isinstance(cause, (OperationalError, RedisError, OSError))
+    return lost or "retry limit exceeded" in str(error).lower()
