@@ -110,11 +110,25 @@ def test_a_worker_without_weights_says_so_before_torch(tiny_clip_dir: Path, tmp_
     assert "torch not imported" in done.stderr
 
 
-def test_worker_help_lists_celery_options_too() -> None:
-    done = _realscore(["worker", "--help"], {})
+REFUSED_DELIVERY = {  # valid values that `realscore worker` refuses together
+    "REALSCORE_VISIBILITY_TIMEOUT": "60",
+    "REALSCORE_FETCH_TIMEOUT": "30",
+    "REALSCORE_FORWARD_TIMEOUT": "60",
+}
+
+
+@pytest.mark.parametrize("env", [{}, REFUSED_DELIVERY], ids=["defaults", "refused-delivery-settings"])
+def test_worker_help_lists_celery_options_too(env: dict[str, str]) -> None:
+    done = _realscore(["worker", "--help"], env)
     assert done.returncode == 0, done.stderr
+    assert "VISIBILITY_TIMEOUT" not in done.stderr
     assert "--gpus" in done.stdout and "--concurrency" in done.stdout and "--hostname" in done.stdout
     assert "torch not imported" in done.stderr
+
+
+def test_the_worker_refuses_those_delivery_settings_without_help() -> None:
+    done = _realscore(["worker"], REFUSED_DELIVERY)
+    assert done.returncode == 2 and "REALSCORE_VISIBILITY_TIMEOUT (60 s)" in done.stderr
 
 
 def test_version() -> None:

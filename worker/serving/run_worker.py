@@ -87,13 +87,13 @@ def check_delivery_settings(settings: Settings) -> None:
 def run(args: argparse.Namespace) -> int:
     import click
 
-    settings = get_settings()
-    check_delivery_settings(settings)
-    if getattr(args, "help", False):
+    if getattr(args, "help", False):  # before any check: help is for fixing what they refuse
         print(args.own_help())
         print("Celery's worker options (passed through):\n")
         print(celery_help())
         return EXIT_OK
+    settings = get_settings()
+    check_delivery_settings(settings)
     try:
         check_celery_argv(celery_argv(settings, args.extra))
     except click.ClickException as error:
