@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,7 +353,14 @@ class ScoringService:
         self, function: Callable[[object], T], items: Sequence[object], lane: Lane = Lane.INTERACTIVE
     ) -> list[T]:
         """``function`` over ``items`` on the lane's fetch threads, results in order."""
-        return list(self._pools[lane].map(function, items))
+        return list(self.imap(function, items, lane))
+
+    def imap(
+        self, function: Callable[[object], T], items: Sequence[object], lane: Lane = Lane.INTERACTIVE
+    ) -> Iterator[T]:
+        """:meth:`map`, each result yielded as soon as it and those before it are done; the first
+        exception is raised in its place (the items not yet started are then cancelled)."""
+        return self._pools[lane].map(function, items)
 
 
 def compile_sizes(max_batch_size: int) -> list[int]:
