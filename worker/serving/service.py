@@ -43,7 +43,8 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Prepared:
     """An image ready for the batcher (what its preprocessing mode staged), and the pixel budget
-    it holds until :meth:`ScoringService.infer` has scored it."""
+    it holds until :meth:`ScoringService.infer` has scored it (a caller that drops it unscored
+    calls ``held.release()``)."""
 
     staged: Staged
     sha256: str
