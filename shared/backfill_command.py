@@ -124,6 +124,8 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
     from kombu.exceptions import OperationalError
     from redis.exceptions import RedisError
 
+    from shared.client import BrokerUnavailable
+
     resume = shlex.join(["realscore", *sys.argv[1:]]) if sys.argv[1:2] == ["backfill"] else "the same command"
     try:
         if args.in_process:
@@ -153,7 +155,8 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         progress.close()
         print(f"realscore backfill: the workers cannot read the source: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    except (OperationalError, RedisError, RuntimeError) as error:
+    # BrokerUnavailable: what shared.client makes of an unreachable Redis when a chunk is sent.
+    except (OperationalError, RedisError, BrokerUnavailable, RuntimeError) as error:
         if isinstance(error, RuntimeError) and not _backend_gave_up(error):
             raise  # a bug, not a lost connection: its traceback, not a user-facing line
         progress.close()
