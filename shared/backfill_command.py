@@ -15,7 +15,7 @@ import sys
 from shared.backfill import Backfill, Interrupt, Plan, SourceUnavailable, dry_run
 from shared.backfill_output import OutputFile
 from shared.backfill_progress import Progress
-from shared.backfill_scorers import ChunkScorer, InProcessScorer, QueueScorer
+from shared.backfill_scorers import ChunkScorer, InProcessScorer, QueueScorer, ScorerBroken
 from shared.backfill_state import BackfillState, StateMismatch, state_path
 from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from shared.listing import ListingError, iter_source, parse_source
@@ -154,6 +154,10 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
     except SourceUnavailable as error:
         progress.close()
         print(f"realscore backfill: the workers cannot read the source: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ScorerBroken as error:  # --in-process only: workers hand such chunks back themselves
+        progress.close()
+        print(f"realscore backfill: the model stopped working ({error})", file=sys.stderr)
         return EXIT_FAILURE
     # BrokerUnavailable: what shared.client makes of an unreachable Redis when a chunk is sent.
     except (OperationalError, RedisError, BrokerUnavailable, RuntimeError) as error:

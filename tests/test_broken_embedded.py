@@ -1,5 +1,6 @@
-"""``realscore score`` and ``evaluate`` in-process, with a model that breaks mid-run (a sticky
-CUDA-style error): one line on stderr, what was finished kept, exit code 1 (a runtime failure)."""
+"""``realscore score``, ``evaluate`` and ``backfill --in-process``, with a model that breaks
+mid-run (a sticky CUDA-style error): one line on stderr, what was finished kept, exit code 1 (a
+runtime failure)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,26 @@ def test_evaluate_keeps_the_finished_conditions_and_ends_with_one_line(
     assert _last_line(err).endswith("conditions finished: clean")
     with open(report / "scores.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 6  # the clean pass's report is written
+
+
+def test_backfill_in_process_stops_without_writing_error_rows_and_resumes(
+    breaks_after, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A broken model is not every remaining image's fault: no `internal` rows (a rerun would
+    skip them), exit 1, and the rerun scores what is left."""
+    out = tmp_path / "rows.jsonl"
+    command = ["backfill", str(image_dir), "--out", str(out), "--in-process",
+               "--chunk-size", "1", "--max-in-flight", "1"]
+    breaks_after(2)
+    code = main(command)
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILURE, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(row["ok"] for row in rows), rows
+    assert "realscore backfill: the model stopped working (" in err and "Traceback" not in err
+
+    breaks_after(100)  # a fresh process whose model works
+    assert main(command) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(row["uri"] for row in rows) == sorted(str(p) for p in image_dir.glob("*.png"))
+    assert all(row["ok"] for row in rows)
