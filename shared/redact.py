@@ -64,7 +64,9 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     text = _AWS_KEY_ID.sub(MASK, text)
     text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{MASK}", text)
     for secret in sorted({s for s in secrets if len(s) >= _MIN_LITERAL}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+        # Only where the value stands alone: a weak password such as RabbitMQ's "guest" must
+        # not turn /data/guestbook.png into /data/***book.png.
+        text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", MASK, text)
     return text
 
 

@@ -370,6 +370,13 @@ def test_redact_keeps_ordinary_text_and_removes_known_literals() -> None:
     assert redact("failed with literal-secret-value and broker-pw-123", secrets).count(MASK) == 2
 
 
+def test_known_literals_are_removed_where_they_stand_alone_not_inside_words() -> None:
+    secrets = known_secrets({"REALSCORE_BROKER_URL": "amqp://guest:guest@rabbit:5672//"})
+    assert secrets == ["guest"]
+    assert redact("/data/guestbook.png: not found", secrets) == "/data/guestbook.png: not found"
+    assert redact("login guest refused (user=guest)", secrets) == f"login {MASK} refused (user={MASK})"
+
+
 def test_log_filter_redacts_messages_arguments_and_tracebacks() -> None:
     import io
 
