@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             for (shown, _), result in zip(inputs, results):
                 result["uri"] = shown
                 sys.stdout.write(json.dumps(result) + "\n")
+                sys.stdout.flush()  # into a pipe too: a crash later must not lose written lines
                 written += 1
     except ModelBroken as error:
         sys.stdout.flush()
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILURE
     finally:
-        sys.stdout.flush()
-        service.stop()
+        try:
+            sys.stdout.flush()
+        finally:
+            service.stop()  # also when the reader has gone (BrokenPipeError)
     return EXIT_OK
