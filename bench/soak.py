@@ -83,6 +83,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--singles", type=int, default=4, help="client threads sending single images")
     parser.add_argument("--timeout", type=float, default=120, help="each caller's timeout")
+    parser.add_argument("--probe", type=Path, help="write each worker's memory probe (bench/soak_probe) "
+                        "to this folder: RSS, malloc in use vs free, object counts by type")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                        help="with --probe: trace Python allocations, FRAMES deep (slows the workers)")
+    parser.add_argument("--trim-workers", default="", metavar="N,N",
+                        help="with --probe: these workers call malloc_trim(0) after every sample")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="N:NAME=VALUE",
+                        help="an environment variable for worker N only (e.g. 1:MALLOC_ARENA_MAX=8)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="realscore-soak-"))
@@ -120,12 +128,25 @@ def main() -> int:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
+    if args.probe:
+        args.probe.mkdir(parents=True, exist_ok=True)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parent / "soak_probe"), env.get("PYTHONPATH", "")])
+        env["SOAK_PROBE"] = str(args.probe)
+        env["SOAK_PROBE_TRACEMALLOC"] = str(args.tracemalloc)
+    trimmed = {int(n) for n in args.trim_workers.split(",") if n}
     workers = []
     for n in range(args.workers):
         log = open(work / f"worker{n}.log", "wb")
+        own = dict(env, SOAK_PROBE_TRIM="1" if n in trimmed else "0")
+        for setting in args.worker_env:
+            index, _, assignment = setting.partition(":")
+            if int(index) == n:
+                name, _, value = assignment.partition("=")
+                own[name] = value
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "worker", "-n", f"soak{n}@%h", "--concurrency", "32"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=own, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         ))
     tally = Tally()
     stop = threading.Event()
@@ -135,6 +156,9 @@ def main() -> int:
         # Warm-up, then the RSS baseline.
         app.send_task(SCORE_MANY, args=[good * 4]).get(timeout=120)
         rss_start = [rss_mib(w.pid) for w in workers]
+        if args.probe:  # the probes count growth from their next sample on
+            (args.probe / "warm").touch()
+            print(f"probe: worker pids {[w.pid for w in workers]}, files in {args.probe}", flush=True)
 
         def run(kind: str, make: callable, queue: str | None = None) -> None:
             rng = random.Random(kind)
