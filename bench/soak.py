@@ -3,11 +3,16 @@
 Starts a private ``redis-server`` (append-only, ``noeviction``, as compose runs it) and
 ``--workers`` worker processes on the tiny CLIP (the cost of the model is not what a soak is
 about: lost tasks, latency tails and memory growth are), then runs closed-loop clients for
-``--seconds``: interactive single images (good and bad), interactive 32-image chunks, and bulk
-128-image chunks (what a backfill sends). Prints tasks sent vs answered, throughput,
-p50/p95/p99 per kind, and each worker's RSS after warm-up and at the end.
+``--warmup`` plus ``--seconds``: interactive single images (good and bad), interactive 32-image
+chunks, and bulk 128-image chunks (what a backfill sends). Prints tasks sent vs answered,
+throughput, p50/p95/p99 per kind, and each worker's RSS after the warm-up load, over time and at
+the end.
 
     python bench/soak.py --seconds 600 --workers 2
+
+``--probe DIR`` adds a memory probe to each worker (bench/soak_probe/sitecustomize.py): malloc's
+in-use vs free-but-held bytes, object counts by type, tracemalloc growth (``--tracemalloc``);
+``--worker-env`` and ``--trim-workers`` set one worker apart for an A/B in the same run.
 
 Figures go in bench/RESULTS.md.
 """
@@ -79,10 +84,21 @@ class Tally:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--seconds", type=float, default=600, help="measured time, after --warmup")
+    parser.add_argument("--warmup", type=float, default=60,
+                        help="seconds of the same load before the RSS baseline: the first minute fills "
+                        "thread pools and the working set, which is not growth")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--singles", type=int, default=4, help="client threads sending single images")
     parser.add_argument("--timeout", type=float, default=120, help="each caller's timeout")
+    parser.add_argument("--probe", type=Path, help="write each worker's memory probe (bench/soak_probe) "
+                        "to this folder: RSS, malloc in use vs free, object counts by type")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                        help="with --probe: trace Python allocations, FRAMES deep (slows the workers)")
+    parser.add_argument("--trim-workers", default="", metavar="N,N",
+                        help="with --probe: these workers call malloc_trim(0) after every sample")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="N:NAME=VALUE",
+                        help="an environment variable for worker N only (e.g. 1:MALLOC_ARENA_MAX=8)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="realscore-soak-"))
@@ -120,12 +136,25 @@ def main() -> int:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
+    if args.probe:
+        args.probe.mkdir(parents=True, exist_ok=True)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parent / "soak_probe"), env.get("PYTHONPATH", "")])
+        env["SOAK_PROBE"] = str(args.probe)
+        env["SOAK_PROBE_TRACEMALLOC"] = str(args.tracemalloc)
+    trimmed = {int(n) for n in args.trim_workers.split(",") if n}
     workers = []
     for n in range(args.workers):
         log = open(work / f"worker{n}.log", "wb")
+        own = dict(env, SOAK_PROBE_TRIM="1" if n in trimmed else "0")
+        for setting in args.worker_env:
+            index, _, assignment = setting.partition(":")
+            if int(index) == n:
+                name, _, value = assignment.partition("=")
+                own[name] = value
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "worker", "-n", f"soak{n}@%h", "--concurrency", "32"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=own, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         ))
     tally = Tally()
     stop = threading.Event()
@@ -135,6 +164,9 @@ def main() -> int:
         # Warm-up, then the RSS baseline.
         app.send_task(SCORE_MANY, args=[good * 4]).get(timeout=120)
         rss_start = [rss_mib(w.pid) for w in workers]
+        if args.probe:  # the probes count growth from their next sample on
+            (args.probe / "warm").touch()
+            print(f"probe: worker pids {[w.pid for w in workers]}, files in {args.probe}", flush=True)
 
         def run(kind: str, make: callable, queue: str | None = None) -> None:
             rng = random.Random(kind)
@@ -165,9 +197,11 @@ def main() -> int:
         for thread in threads:
             thread.start()
         samples: list[tuple[float, list[float]]] = []
-        while time.monotonic() - began < args.seconds:  # the soak's duration, RSS every 15 s
-            time.sleep(min(15, max(0.0, args.seconds - (time.monotonic() - began))))
-            samples.append((time.monotonic() - began, [rss_mib(w.pid) for w in workers]))
+        total = args.warmup + args.seconds
+        ticks = sorted({*range(15, int(total) + 1, 15), args.warmup, total})  # RSS every 15 s
+        for tick in ticks:
+            time.sleep(max(0.0, tick - (time.monotonic() - began)))
+            samples.append((tick, [rss_mib(w.pid) for w in workers]))
         stop.set()
         for thread in threads:
             thread.join(args.timeout + 10)
@@ -182,7 +216,8 @@ def main() -> int:
         redis.terminate()
         redis.wait(10)
 
-    print(f"soak: {args.workers} workers x 32 threads, tiny CLIP on CPU, {elapsed:.0f} s, "
+    print(f"soak: {args.workers} workers x 32 threads, tiny CLIP on CPU, {elapsed:.0f} s "
+          f"({args.warmup:.0f} s warm-up + {args.seconds:.0f} s measured), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     print()
     print("| kind | sent | answered | p50 s | p95 s | p99 s |")
@@ -195,12 +230,24 @@ def main() -> int:
     print()
     print(f"tasks sent {sent}, answered {answered}, lost {sent - answered}")
     print(f"images answered {tally.images} ({tally.images / elapsed:.1f} images/s); error results by code: {tally.errors}")
-    # Thread pools and allocator arenas fill during the first minutes of load: growth is also
-    # given from the first quarter of the run on, where a leak would still show.
-    quarter = next((rss for at, rss in samples if at >= elapsed / 4), rss_start)
-    for n, (a, q, b) in enumerate(zip(rss_start, quarter, rss_end)):
+    # Growth is measured from the end of the warm-up load (thread pools and the working set fill
+    # during it), and from a quarter of the measured time on, where a leak would still show.
+    loaded = next(rss for at, rss in samples if at >= args.warmup)
+    quarter = next(rss for at, rss in samples if at >= args.warmup + args.seconds / 4)
+    print(f"RSS baseline: after {args.warmup:.0f} s of warm-up load (the single warm-up task before it left "
+          f"{'/'.join(f'{r:.0f}' for r in rss_start)} MiB)")
+    for n, (a, q, b) in enumerate(zip(loaded, quarter, rss_end)):
         print(f"worker {n}: RSS {a:.0f} MiB after warm-up, {q:.0f} MiB at a quarter, {b:.0f} MiB at the end "
               f"({(b - a) / a * 100:+.1f} % from warm-up, {(b - q) / q * 100:+.1f} % from a quarter)")
+    # With the malloc trimmer RSS is a saw-tooth (high before a trim, low after): the peaks of
+    # the two halves of the measured time compare like with like.
+    middle = args.warmup + args.seconds / 2
+    halves = ([rss for at, rss in samples if args.warmup <= at <= middle], [rss for at, rss in samples if at > middle])
+    if all(halves):
+        for n in range(len(workers)):
+            first, second = max(r[n] for r in halves[0]), max(r[n] for r in halves[1])
+            print(f"worker {n}: highest RSS sample {first:.0f} MiB in the first half, {second:.0f} MiB in "
+                  f"the second ({(second - first) / first * 100:+.1f} %)")
     print("RSS samples (s: MiB per worker): " + ", ".join(
         f"{at:.0f}: {'/'.join(f'{r:.0f}' for r in rss)}" for at, rss in samples))
     print(f"worker exit codes after SIGTERM: {codes}")

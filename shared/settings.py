@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     bulk_task_slots: int = Field(
         4, ge=1, le=4096, description="bulk chunks one worker process works on at once"
     )
+    malloc_trim_interval: float = Field(
+        30.0,
+        ge=0,
+        description="seconds between malloc_trim(0) calls handing freed heap pages back; 0 is off",
+    )
 
     # Inputs.
     local_roots: list[Path] = Field(default_factory=list)

@@ -23,7 +23,7 @@ from worker.model.loader import ModelLoadError, load_model
 from worker.lifecycle.folders import list_images
 from worker.serving.batcher import ModelBroken
 from worker.model.modes import DecodeModeError
-from worker.serving.memory import limit_malloc_arenas
+from worker.serving.memory import limit_malloc_arenas, start_malloc_trimmer
 from worker.serving.progress import progress
 from worker.serving.service import ScoringService
 
@@ -34,6 +34,7 @@ def start_service(settings: Settings, batch_size: int | None = None) -> ScoringS
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     limit_malloc_arenas()
+    start_malloc_trimmer(settings.malloc_trim_interval)
     try:
         loaded = load_model(
             settings.model, head_weights_path(settings), device=settings.device, dtype=settings.dtype

@@ -123,7 +123,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
     from worker.serving.attempts import AttemptCounter
     from worker.model.loader import ModelLoadError, load_model
     from worker.model.modes import DecodeModeError
-    from worker.serving.memory import limit_malloc_arenas
+    from worker.serving.memory import limit_malloc_arenas, start_malloc_trimmer
     from worker.serving.service import ScoringService
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/realscore] %(message)s")
@@ -132,6 +132,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
     install_log_redaction()
     configure_worker(app)
     limit_malloc_arenas()
+    start_malloc_trimmer(settings.malloc_trim_interval)
     try:
         loaded = load_model(
             settings.model, head_weights_path(settings), device=settings.device, dtype=settings.dtype
