@@ -364,3 +364,38 @@ def test_a_redis_restart_mid_run_loses_nothing(worker_env: dict, pictures: list[
         assert len(results) == 8 + 64 + 4 + 2 * 16
         consistent(results)
         assert code == 0, process.log()
+
+
+# The bulk gate ----------------------------------------------------------------------------------
+
+
+def test_a_skipped_redelivery_gives_its_bulk_slot_back(worker_env: dict, pictures: list[str], tmp_path: Path) -> None:
+    """A redelivered chunk whose result already succeeded is acknowledged by Celery without
+    running (no task signal fires): with one bulk slot, the next chunk must still be taken."""
+    import json
+
+    with private_redis() as url:
+        app = make_app(url, url)
+        broker = redis.Redis.from_url(url)
+        done = [{"uri": pictures[0], "ok": True, "score": 0.5, "error": None}]
+        skipped = app.send_task(SCORE_MANY, args=[[pictures[0]]], queue=BULK_QUEUE)  # no worker yet
+        app.backend.store_result(skipped.id, done, "SUCCESS")
+        # As kombu restores an unacknowledged message: flagged redelivered.
+        payload = json.loads(broker.rpop(BULK_QUEUE))
+        payload["headers"]["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True
+        broker.lpush(BULK_QUEUE, json.dumps(payload))
+        process = fault_worker(worker_env, url, url, tmp_path / "w.log", REALSCORE_BULK_TASK_SLOTS="1").start()
+        try:
+            process.wait_ready(app, START)
+            wait_until(
+                lambda: "already completed successfully" in process.log() and not broker.hlen("unacked"),
+                60, "the redelivered chunk skipped and acknowledged",
+            )
+            rows = app.send_task(SCORE_MANY, args=[pictures], queue=BULK_QUEUE).get(timeout=60)
+        finally:
+            code = process.stop()
+        assert [row["ok"] for row in rows] == [True] * 4
+        assert AsyncResult(skipped.id, app=app).get(timeout=5) == done  # not run again
+        assert code == 0, process.log()
+        broker.close()

@@ -28,8 +28,9 @@ from typing import Any
 import redis
 from celery import Task, states
 from celery.exceptions import BackendStoreError, Reject
+from celery.worker.request import Request
 
-from worker.serving import runtime
+from worker.serving import bulk_gate, runtime
 from worker.serving.batcher import ModelBroken
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def check_not_draining() -> None:
 
 class DeliveredTask(Task):
     """The base class of every realscore task (``app.task(base=DeliveredTask)``)."""
+
+    Request = "worker.serving.delivery:DeliveredRequest"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         current = runtime.current()
@@ -144,6 +147,25 @@ class DeliveredTask(Task):
                     raise Reject(f"result not stored: {error!r}", requeue=True) from None
                 log.warning("task %s: result write failed (%r); retrying in %g s", task_id, error, pause)
                 time.sleep(pause)
+
+
+class DeliveredRequest(Request):
+    """The worker-side request of every realscore task. Every way a message leaves this worker
+    goes through ``acknowledge`` or ``reject`` (success, failure, ``Reject``, revoke, time
+    limits, and Celery's skip of a redelivered task that already succeeded, which fires no task
+    signal): the bulk gate counts its chunks out here."""
+
+    def acknowledge(self) -> None:
+        try:
+            super().acknowledge()
+        finally:
+            bulk_gate.message_done(self)
+
+    def reject(self, requeue: bool = False) -> None:
+        try:
+            super().reject(requeue=requeue)
+        finally:
+            bulk_gate.message_done(self)
 
 
 def _safely(call: Callable[[], Any], fallback: Any) -> Any:
