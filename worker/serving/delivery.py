@@ -11,7 +11,9 @@ Task bodies (``worker.serving.tasks``) only turn URIs into rows. Around them, :c
   attempts (so one image that crashes its worker is pinned and fails alone), or give up;
 * records what is given up in the dead-letter list;
 * writes the result itself, retrying a failing write (a full Redis under ``noeviction``) and
-  handing the message back if it still fails, instead of acknowledging work whose result is lost.
+  handing the message back if it still fails, instead of acknowledging work whose result is lost;
+  when Redis refuses the hand-back too, :class:`DeliveredRequest` leaves the message
+  unacknowledged there, for Redis to redeliver after the visibility timeout.
 
 Redis errors in the bookkeeping are logged and never fail a task: it runs as a first delivery.
 """
@@ -19,6 +21,7 @@ Redis errors in the bookkeeping are logged and never fail a task: it runs as a f
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +32,8 @@ import redis
 from celery import Task, states
 from celery.exceptions import BackendStoreError, Reject
 from celery.worker.request import Request
+from kombu.transport.redis import QoS as RedisQoS
+from kombu.transport.virtual import QoS as VirtualQoS
 
 from worker.serving import bulk_gate, runtime
 from worker.serving.batcher import ModelBroken
@@ -153,7 +158,20 @@ class DeliveredRequest(Request):
     """The worker-side request of every realscore task. Every way a message leaves this worker
     goes through ``acknowledge`` or ``reject`` (success, failure, ``Reject``, revoke, time
     limits, and Celery's skip of a redelivered task that already succeeded, which fires no task
-    signal): the bulk gate counts its chunks out here."""
+    signal): the bulk gate counts its chunks out here.
+
+    On Redis, a broker that refuses the acknowledgement or the requeue itself (over ``maxmemory``
+    under ``noeviction`` kombu's requeue, a MULTI, is refused whole; ``MISCONF`` refuses every
+    write) would raise in the worker's event loop and end the worker ("Unrecoverable error").
+    Instead the refusal is logged and the message left in Redis's unacknowledged set, which
+    redelivers it after ``VISIBILITY_TIMEOUT``; only this worker's prefetch slot is freed."""
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        if isinstance(getattr(message.channel, "qos", None), RedisQoS):
+            # kombu's ack_log_error/reject_log_error call these, on the consumer's loop.
+            message.ack = functools.partial(_settle_or_leave, message, type(message).ack)
+            message.reject = functools.partial(_settle_or_leave, message, type(message).reject)
 
     def acknowledge(self) -> None:
         try:
@@ -166,6 +184,20 @@ class DeliveredRequest(Request):
             super().reject(requeue=requeue)
         finally:
             bulk_gate.message_done(self)
+
+
+def _settle_or_leave(message: Any, settle: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Ack or requeue ``message``; if Redis refuses, leave it unacknowledged there (see
+    :class:`DeliveredRequest`)."""
+    try:
+        settle(message, *args, **kwargs)
+    except redis.ResponseError as error:
+        log.error(
+            "Redis refused to %s message %s (%r): it stays unacknowledged and is redelivered "
+            "after the visibility timeout",
+            getattr(settle, "__name__", "settle"), message.delivery_tag, error,
+        )
+        VirtualQoS.ack(message.channel.qos, message.delivery_tag)  # this worker's books only
 
 
 def _safely(call: Callable[[], Any], fallback: Any) -> Any:
