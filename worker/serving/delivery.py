@@ -35,7 +35,7 @@ from celery.worker.request import Request
 from kombu.transport.redis import QoS as RedisQoS
 from kombu.transport.virtual import QoS as VirtualQoS
 
-from worker.serving import bulk_gate, runtime
+from worker.serving import bulk_gate, late_starts, runtime
 from worker.serving.batcher import ModelBroken
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class Plan:
     give_up: str | None = None  # reason to answer every image with ``internal`` instead
     attempt: int = 0
     mark: Callable[[int], None] = field(default=lambda index: None)
+    received: float | None = None  # when this worker received the message (time.monotonic)
+    task_id: str | None = None
 
 
 _plan: contextvars.ContextVar[Plan] = contextvars.ContextVar("realscore_plan", default=Plan())
@@ -63,6 +65,14 @@ _plan: contextvars.ContextVar[Plan] = contextvars.ContextVar("realscore_plan", d
 def current_plan() -> Plan:
     """The plan of the delivery running on this thread (a default plan outside a task)."""
     return _plan.get()
+
+
+def note_images_start() -> None:
+    """The delivery's images start now (after any wait for a bulk slot): warn and count if that
+    is late against the visibility timeout (:mod:`worker.serving.late_starts`)."""
+    plan = current_plan()
+    timeout = runtime.current().service.settings.visibility_timeout
+    late_starts.guard.check(plan.received, timeout, plan.task_id)
 
 
 def check_not_draining() -> None:
@@ -87,6 +97,8 @@ class DeliveredTask(Task):
         counter = current.attempts
         attempt = _safely(lambda: counter.record(task_id), None) if counter and task_id else None
         plan = self._plan(task_id, attempt, args)
+        plan.received = getattr(self.request, late_starts.RECEIVED_FIELD, None)
+        plan.task_id = task_id
         token = _plan.set(plan)
         try:
             rows = self.run(*args, **kwargs)
@@ -168,6 +180,8 @@ class DeliveredRequest(Request):
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
+        # Created as the message is received: the task sees this as a field of its request.
+        self._request_dict[late_starts.RECEIVED_FIELD] = time.monotonic()
         if isinstance(getattr(message.channel, "qos", None), RedisQoS):
             # kombu's ack_log_error/reject_log_error call these, on the consumer's loop.
             message.ack = functools.partial(_settle_or_leave, message, type(message).ack)
