@@ -150,13 +150,18 @@ class DeliveredTask(Task):
 
     def _store(self, task_id: str | None, rows: Any) -> None:
         """Write the result before Celery acknowledges the message; a write that keeps failing
-        hands the message back rather than acknowledging a task whose result is lost. (Celery's
-        own write after us finds SUCCESS stored and leaves it.)"""
+        hands the message back rather than acknowledging a task whose result is lost.
+
+        Celery's own write after us is then switched off (``ignore_result`` on this request,
+        which its ``mark_as_done`` reads): it would read the result back, and when the waiting
+        client had already read and deleted it (``shared.client`` does at once), write it again,
+        to stay in Redis for ``RESULT_EXPIRES``. Events (Flower) are unaffected."""
         if not task_id or self.request.called_directly:
             return
         for pause in (*STORE_RETRIES, None):
             try:
                 self.backend.store_result(task_id, rows, states.SUCCESS, request=self.request)
+                self.request.ignore_result = True
                 return
             except (redis.RedisError, BackendStoreError) as error:  # the latter: Celery's retries gave up
                 if pause is None:
