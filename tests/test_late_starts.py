@@ -12,13 +12,14 @@ import pytest
 from celery import Celery
 from celery.app.task import Context
 from celery.contrib.testing.mocks import TaskMessage
+from prometheus_client import REGISTRY
 
 from shared.settings import load_settings
-from worker.serving import delivery, late_starts, metrics, runtime
+from worker.serving import delivery, late_starts, runtime
 
 
 def late_count() -> float:
-    return metrics.LATE_STARTS._value.get()
+    return REGISTRY.get_sample_value("realscore_late_task_starts_total") or 0.0
 
 
 def test_late_starts_are_counted_every_time_and_warned_about_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
