@@ -8,7 +8,9 @@ Faults are chosen by environment variables that only this module reads:
   forward blocks), or ``oom-above:N`` (a batch larger than N raises CUDA out-of-memory);
 * ``FAULT_TRIGGER``: a file; ``fail``/``hang`` act only while it exists (so the model works first);
 * ``FAULT_EXIT_URI``: fetching a URI that contains this text hard-exits the process (``os._exit``),
-  the way a segfaulting decoder or a driver abort ends a worker.
+  the way a segfaulting decoder or a driver abort ends a worker;
+* ``FAULT_HOLD_URI``: fetching a URI that contains this text waits while ``FAULT_TRIGGER`` exists
+  (two minutes at most), so a test can change the world while the task is in the worker's hands.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 
 def _armed() -> bool:
@@ -54,6 +57,18 @@ def install() -> None:
         return loaded
 
     loader.load_model = load_model
+    held = os.environ.get("FAULT_HOLD_URI")
+    if held:
+        held_fetch = sources.Sources.fetch
+
+        def fetch_when_released(self, uri):
+            if isinstance(uri, str) and held in uri:
+                deadline = time.monotonic() + 120
+                while _armed() and time.monotonic() < deadline:
+                    time.sleep(0.05)  # polling the test's release file
+            return held_fetch(self, uri)
+
+        sources.Sources.fetch = fetch_when_released
     marker = os.environ.get("FAULT_EXIT_URI")
     if marker:
         real_fetch = sources.Sources.fetch

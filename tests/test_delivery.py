@@ -91,3 +91,28 @@ def test_a_stopping_worker_hands_back_tasks_it_has_not_started(task) -> None:
         task(["/a.png"])
     assert caught.value.requeue is True
     assert task.ran == []  # nothing was scored
+
+
+def test_the_result_is_written_once_and_celery_does_not_write_it_back(task) -> None:
+    """Through Celery's real (non-eager) trace: our write is the only one. Celery's own, after
+    it, would find nothing if the client had already read and deleted the result (as
+    ``shared.client`` does at once) and write it back, to stay a day in Redis."""
+    from celery.app.trace import build_tracer
+
+    backend = task.app.backend  # a key-value backend, like Redis's
+    real_store = backend.store_result
+    writes: list[str] = []
+
+    def store_then_read_by_client(task_id: str, result: object, state: str, **kwargs: object) -> object:
+        writes.append(state)
+        stored = real_store(task_id, result, state, **kwargs)
+        backend.forget(task_id)  # the waiting client got it and deleted it
+        return stored
+
+    backend.store_result = store_then_read_by_client
+    task.backend = backend
+    trace = build_tracer(task.name, task, eager=False, propagate=True, app=task.app)
+    outcome = trace("id-5", [["/a.png"]], {}, {"id": "id-5", "delivery_info": {}})
+    assert outcome.retval == [{"uri": "/a.png", "ok": True, "error": None}]
+    assert writes == ["SUCCESS"]
+    assert backend.get_task_meta("id-5", cache=False)["status"] == "PENDING"  # not written back

@@ -287,6 +287,62 @@ def test_warm_shutdown_hands_back_unstarted_images_at_once(worker_env: dict, pic
         broker.close()
 
 
+# A full Redis -----------------------------------------------------------------------------------
+
+
+def fill(store: redis.Redis) -> None:
+    """16 MiB of ``filler:*`` keys, then ``maxmemory`` 4 MiB below what Redis now uses: full, with a
+    margin that no freed client buffer closes (writing until the first refusal would leave it
+    on the edge, where the next small write may pass)."""
+    for i in range(16):
+        store.set(f"filler:{i}", b"x" * 2**20)
+    store.config_set("maxmemory", store.info("memory")["used_memory"] - 4 * 2**20)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        store.set("probe", b"1")
+
+
+def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
+    """Under ``noeviction`` a full Redis refuses the result write: the message must not be
+    acknowledged. Once memory is freed, the task runs again and its caller gets the real result."""
+    held = served_dir / "faults" / "hold-full.png"
+    noise_image(7, (64, 64)).save(held)
+    release = tmp_path / "hold"
+    release.touch()
+    with private_redis() as url:
+        store = redis.Redis.from_url(url)
+        store.config_set("maxmemory-policy", "noeviction")  # as compose runs it
+        app = make_app(url, url)
+        # One thread, so one prefetch slot: the redelivery is only taken if the refused requeue
+        # gave this worker's slot back.
+        process = fault_worker(
+            worker_env, url, url, tmp_path / "w.log", "--concurrency", "1",
+            FAULT_HOLD_URI="hold-full", FAULT_TRIGGER=str(release),
+        ).start()
+        try:
+            process.wait_ready(app, START)
+            handle = app.send_task(SCORE, args=[str(held)])
+            wait_until(lambda: active_on(app, process.node) == 1, 60, "the task in the worker's hands")
+            fill(store)  # from now on every write is refused
+            release.unlink()  # the task scores its image and tries to write the result
+            wait_until(lambda: "Redis refused to reject" in process.log(), 60, "the requeue refused")
+            assert "result not stored" in process.log()
+            assert process.process.poll() is None, process.log()  # the worker carries on
+            assert store.hlen("unacked") == 1  # not acknowledged: still Redis's to redeliver
+            assert AsyncResult(handle.id, app=app).state == "PENDING"
+            store.delete(*store.keys("filler:*"))
+            # Redelivered after the visibility timeout (10 s), then scored again.
+            result = handle.get(timeout=90)
+            assert process.process.poll() is None, process.log()
+        finally:
+            code = process.stop()
+        assert result["ok"] and result["uri"] == str(held), result
+        assert isinstance(result["score"], float)
+        assert "result write failed" in process.log()
+        assert code == 0, process.log()
+        assert not store.hlen("unacked")
+        store.close()
+
+
 # Redis restarted mid-run ------------------------------------------------------------------------
 
 
@@ -364,3 +420,38 @@ def test_a_redis_restart_mid_run_loses_nothing(worker_env: dict, pictures: list[
         assert len(results) == 8 + 64 + 4 + 2 * 16
         consistent(results)
         assert code == 0, process.log()
+
+
+# The bulk gate ----------------------------------------------------------------------------------
+
+
+def test_a_skipped_redelivery_gives_its_bulk_slot_back(worker_env: dict, pictures: list[str], tmp_path: Path) -> None:
+    """A redelivered chunk whose result already succeeded is acknowledged by Celery without
+    running (no task signal fires): with one bulk slot, the next chunk must still be taken."""
+    import json
+
+    with private_redis() as url:
+        app = make_app(url, url)
+        broker = redis.Redis.from_url(url)
+        done = [{"uri": pictures[0], "ok": True, "score": 0.5, "error": None}]
+        skipped = app.send_task(SCORE_MANY, args=[[pictures[0]]], queue=BULK_QUEUE)  # no worker yet
+        app.backend.store_result(skipped.id, done, "SUCCESS")
+        # As kombu restores an unacknowledged message: flagged redelivered.
+        payload = json.loads(broker.rpop(BULK_QUEUE))
+        payload["headers"]["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True
+        broker.lpush(BULK_QUEUE, json.dumps(payload))
+        process = fault_worker(worker_env, url, url, tmp_path / "w.log", REALSCORE_BULK_TASK_SLOTS="1").start()
+        try:
+            process.wait_ready(app, START)
+            wait_until(
+                lambda: "already completed successfully" in process.log() and not broker.hlen("unacked"),
+                60, "the redelivered chunk skipped and acknowledged",
+            )
+            rows = app.send_task(SCORE_MANY, args=[pictures], queue=BULK_QUEUE).get(timeout=60)
+        finally:
+            code = process.stop()
+        assert [row["ok"] for row in rows] == [True] * 4
+        assert AsyncResult(skipped.id, app=app).get(timeout=5) == done  # not run again
+        assert code == 0, process.log()
+        broker.close()

@@ -156,3 +156,45 @@ def test_decoded_frames_are_counted_in_the_pixel_budget_until_their_batch_ends(
     assert len(seen) == 1 + 48
     assert all(0 < frames <= in_use <= service.budget.capacity for frames, in_use in seen), seen
     assert live == 0 and service.budget.in_use == 0 and service.budget.bulk.in_use == 0
+
+
+def test_stop_gives_up_on_a_forward_that_hangs_after_shutdown_began(loaded_model, image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The forward hangs, and stop() begins before the watchdog (1 s) has declared the batcher
+    # broken: the wait must still end, broken_timeout after the watchdog fires.
+    settings = load_settings(max_batch_size=4, max_wait_ms=1, forward_timeout=1.0)
+    service = ScoringService(loaded_model, settings, local_roots=None).start()
+    entered, release = threading.Event(), threading.Event()
+    real = loaded_model.launch
+
+    def hanging(pixels: object, **kwargs: object) -> object:
+        entered.set()
+        release.wait(60)
+        return real(pixels, **kwargs)
+
+    monkeypatch.setattr(loaded_model, "launch", hanging)
+    image = str(sorted(image_dir.glob("*.png"))[0])
+    outcomes: list[object] = []
+
+    def score() -> None:  # on its own thread, as a Celery task thread scores one image
+        try:
+            outcomes.append(service.infer(service.prepare(image)))
+        except ModelBroken as error:
+            outcomes.append(error)
+
+    scorer = threading.Thread(target=score, daemon=True)
+    scorer.start()
+    try:
+        assert entered.wait(30)
+        assert not service.batcher.broken  # shutdown begins while the forward merely runs
+        stopped: list[bool] = []
+        stopper = threading.Thread(target=lambda: stopped.append(service.stop(broken_timeout=0.5)), daemon=True)
+        stopper.start()
+        stopper.join(30)
+        assert not stopper.is_alive(), "stop() is still joining the hung forward"
+        assert stopped == [False]  # the batcher thread is still in the forward: said so
+        assert service.batcher.broken
+        scorer.join(10)
+        assert len(outcomes) == 1 and isinstance(outcomes[0], ModelBroken)
+    finally:
+        release.set()
+        service.batcher.stop(10)

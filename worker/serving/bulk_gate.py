@@ -9,6 +9,13 @@ right there on the consumer's thread, before it asks Redis for another message) 
 one of them finishes. The other threads and prefetch slots stay for interactive messages, which
 Redis hands out first (``queue_order_strategy: priority``). The slots themselves are a semaphore
 too, so a chunk received in any race waits for one (its wait counts no delivery attempt).
+
+A chunk leaves the gate when its message is acknowledged or rejected
+(``worker.serving.delivery.DeliveredRequest``, the request class of every realscore task), not on
+``task_postrun``: Celery skips a redelivered
+message whose result already succeeded (``worker_deduplicate_successful_tasks``) without any
+task signal, and acknowledges it; counted out on a signal, that chunk would hold its slot for
+good, and after ``BULK_TASK_SLOTS`` such skips the worker would take no bulk work at all.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ class BulkGate:
         self._slots = threading.BoundedSemaphore(slots)
         self._lock = threading.Lock()
         self.in_hand = 0
+        # The worker's Request objects of the bulk chunks in hand, by identity (held, so an id is
+        # not reused while in here).
+        self._held: dict[int, Any] = {}
         self._paused = False
         self._consumer: Any = None
         self._managed: bool | None = None  # whether this worker consumes the bulk queue at all
@@ -58,24 +68,28 @@ class BulkGate:
         with self._lock:
             self._consumer = None
 
-    def received(self, delivery_info: dict | None) -> None:
+    def received(self, request: Any) -> None:
         """A message was received (on the consumer's thread): close the queue at the cap."""
-        if not _is_bulk(delivery_info):
+        if not _is_bulk(getattr(request, "delivery_info", None)):
             return
         with self._lock:
-            self.in_hand += 1
+            if id(request) in self._held:
+                return
+            self._held[id(request)] = request
+            self.in_hand = len(self._held)
             close = self.in_hand >= self.slots and not self._paused
             self._paused = self._paused or close
             consumer = self._consumer
         if close and consumer is not None:
             self._apply(consumer)  # now, before the consumer fetches its next message
 
-    def finished(self, delivery_info: dict | None) -> None:
-        """A bulk task ended (any thread): reopen the queue below the cap."""
-        if not _is_bulk(delivery_info):
-            return
+    def finished(self, request: Any) -> None:
+        """A bulk message was acknowledged or rejected (any thread): reopen the queue below the
+        cap. Once per message, however many ways it ends."""
         with self._lock:
-            self.in_hand = max(self.in_hand - 1, 0)
+            if self._held.pop(id(request), None) is None:
+                return
+            self.in_hand = len(self._held)
             reopen = self.in_hand < self.slots and self._paused
             self._paused = self._paused and not reopen
             consumer = self._consumer
@@ -105,19 +119,15 @@ class BulkGate:
 _gate: BulkGate | None = None
 
 
+def message_done(request: Any) -> None:
+    """``request``'s message was acknowledged or rejected (:class:`DeliveredRequest` calls this)."""
+    if _gate is not None:
+        _gate.finished(request)
+
+
 def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
     if _gate is not None and request is not None:
-        _gate.received(request.delivery_info)
-
-
-def _on_postrun(sender: Any = None, task: Any = None, **_: Any) -> None:
-    if _gate is not None and task is not None:
-        _gate.finished(task.request.delivery_info)
-
-
-def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    if _gate is not None and request is not None:
-        _gate.finished(getattr(request, "delivery_info", None))
+        _gate.received(request)
 
 
 def install(gate: BulkGate | None) -> None:
@@ -126,8 +136,6 @@ def install(gate: BulkGate | None) -> None:
     _gate = gate
     if gate is not None:
         signals.task_received.connect(_on_received, weak=False)
-        signals.task_postrun.connect(_on_postrun, weak=False)
-        signals.task_revoked.connect(_on_revoked, weak=False)
 
 
 @contextmanager

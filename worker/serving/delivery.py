@@ -11,7 +11,9 @@ Task bodies (``worker.serving.tasks``) only turn URIs into rows. Around them, :c
   attempts (so one image that crashes its worker is pinned and fails alone), or give up;
 * records what is given up in the dead-letter list;
 * writes the result itself, retrying a failing write (a full Redis under ``noeviction``) and
-  handing the message back if it still fails, instead of acknowledging work whose result is lost.
+  handing the message back if it still fails, instead of acknowledging work whose result is lost;
+  when Redis refuses the hand-back too, :class:`DeliveredRequest` leaves the message
+  unacknowledged there, for Redis to redeliver after the visibility timeout.
 
 Redis errors in the bookkeeping are logged and never fail a task: it runs as a first delivery.
 """
@@ -19,6 +21,7 @@ Redis errors in the bookkeeping are logged and never fail a task: it runs as a f
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -28,8 +31,11 @@ from typing import Any
 import redis
 from celery import Task, states
 from celery.exceptions import BackendStoreError, Reject
+from celery.worker.request import Request
+from kombu.transport.redis import QoS as RedisQoS
+from kombu.transport.virtual import QoS as VirtualQoS
 
-from worker.serving import runtime
+from worker.serving import bulk_gate, late_starts, runtime
 from worker.serving.batcher import ModelBroken
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,8 @@ class Plan:
     give_up: str | None = None  # reason to answer every image with ``internal`` instead
     attempt: int = 0
     mark: Callable[[int], None] = field(default=lambda index: None)
+    received: float | None = None  # when this worker received the message (time.monotonic)
+    task_id: str | None = None
 
 
 _plan: contextvars.ContextVar[Plan] = contextvars.ContextVar("realscore_plan", default=Plan())
@@ -57,6 +65,14 @@ _plan: contextvars.ContextVar[Plan] = contextvars.ContextVar("realscore_plan", d
 def current_plan() -> Plan:
     """The plan of the delivery running on this thread (a default plan outside a task)."""
     return _plan.get()
+
+
+def note_images_start() -> None:
+    """The delivery's images start now (after any wait for a bulk slot): warn and count if that
+    is late against the visibility timeout (:mod:`worker.serving.late_starts`)."""
+    plan = current_plan()
+    timeout = runtime.current().service.settings.visibility_timeout
+    late_starts.guard.check(plan.received, timeout, plan.task_id)
 
 
 def check_not_draining() -> None:
@@ -69,6 +85,8 @@ def check_not_draining() -> None:
 class DeliveredTask(Task):
     """The base class of every realscore task (``app.task(base=DeliveredTask)``)."""
 
+    Request = "worker.serving.delivery:DeliveredRequest"
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         current = runtime.current()
         if not current.service.healthy:
@@ -79,6 +97,8 @@ class DeliveredTask(Task):
         counter = current.attempts
         attempt = _safely(lambda: counter.record(task_id), None) if counter and task_id else None
         plan = self._plan(task_id, attempt, args)
+        plan.received = getattr(self.request, late_starts.RECEIVED_FIELD, None)
+        plan.task_id = task_id
         token = _plan.set(plan)
         try:
             rows = self.run(*args, **kwargs)
@@ -130,13 +150,18 @@ class DeliveredTask(Task):
 
     def _store(self, task_id: str | None, rows: Any) -> None:
         """Write the result before Celery acknowledges the message; a write that keeps failing
-        hands the message back rather than acknowledging a task whose result is lost. (Celery's
-        own write after us finds SUCCESS stored and leaves it.)"""
+        hands the message back rather than acknowledging a task whose result is lost.
+
+        Celery's own write after us is then switched off (``ignore_result`` on this request,
+        which its ``mark_as_done`` reads): it would read the result back, and when the waiting
+        client had already read and deleted it (``shared.client`` does at once), write it again,
+        to stay in Redis for ``RESULT_EXPIRES``. Events (Flower) are unaffected."""
         if not task_id or self.request.called_directly:
             return
         for pause in (*STORE_RETRIES, None):
             try:
                 self.backend.store_result(task_id, rows, states.SUCCESS, request=self.request)
+                self.request.ignore_result = True
                 return
             except (redis.RedisError, BackendStoreError) as error:  # the latter: Celery's retries gave up
                 if pause is None:
@@ -144,6 +169,54 @@ class DeliveredTask(Task):
                     raise Reject(f"result not stored: {error!r}", requeue=True) from None
                 log.warning("task %s: result write failed (%r); retrying in %g s", task_id, error, pause)
                 time.sleep(pause)
+
+
+class DeliveredRequest(Request):
+    """The worker-side request of every realscore task. Every way a message leaves this worker
+    goes through ``acknowledge`` or ``reject`` (success, failure, ``Reject``, revoke, time
+    limits, and Celery's skip of a redelivered task that already succeeded, which fires no task
+    signal): the bulk gate counts its chunks out here.
+
+    On Redis, a broker that refuses the acknowledgement or the requeue itself (over ``maxmemory``
+    under ``noeviction`` kombu's requeue, a MULTI, is refused whole; ``MISCONF`` refuses every
+    write) would raise in the worker's event loop and end the worker ("Unrecoverable error").
+    Instead the refusal is logged and the message left in Redis's unacknowledged set, which
+    redelivers it after ``VISIBILITY_TIMEOUT``; only this worker's prefetch slot is freed."""
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        # Created as the message is received: the task sees this as a field of its request.
+        self._request_dict[late_starts.RECEIVED_FIELD] = time.monotonic()
+        if isinstance(getattr(message.channel, "qos", None), RedisQoS):
+            # kombu's ack_log_error/reject_log_error call these, on the consumer's loop.
+            message.ack = functools.partial(_settle_or_leave, message, type(message).ack)
+            message.reject = functools.partial(_settle_or_leave, message, type(message).reject)
+
+    def acknowledge(self) -> None:
+        try:
+            super().acknowledge()
+        finally:
+            bulk_gate.message_done(self)
+
+    def reject(self, requeue: bool = False) -> None:
+        try:
+            super().reject(requeue=requeue)
+        finally:
+            bulk_gate.message_done(self)
+
+
+def _settle_or_leave(message: Any, settle: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Ack or requeue ``message``; if Redis refuses, leave it unacknowledged there (see
+    :class:`DeliveredRequest`)."""
+    try:
+        settle(message, *args, **kwargs)
+    except redis.ResponseError as error:
+        log.error(
+            "Redis refused to %s message %s (%r): it stays unacknowledged and is redelivered "
+            "after the visibility timeout",
+            getattr(settle, "__name__", "settle"), message.delivery_tag, error,
+        )
+        VirtualQoS.ack(message.channel.qos, message.delivery_tag)  # this worker's books only
 
 
 def _safely(call: Callable[[], Any], fallback: Any) -> Any:

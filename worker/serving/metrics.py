@@ -23,6 +23,11 @@ FORWARD_TIME = Histogram(
 BATCHER_QUEUED = Gauge(
     "realscore_batcher_queued_images", "Images waiting in the batcher for their forward pass"
 )
+LATE_STARTS = Counter(
+    "realscore_late_task_starts_total",
+    "Tasks whose images started after more than half of REALSCORE_VISIBILITY_TIMEOUT in this "
+    "worker's hands (prefetched, waiting for a bulk slot): near redelivery to another worker",
+)
 IMAGES_SCORED = Counter("realscore_images_scored_total", "Images scored successfully")
 ERRORS = Counter("realscore_errors_total", "Images that became error results", ["code"])
 CACHE_LOOKUPS = Counter(

@@ -208,14 +208,23 @@ def _redact_logs(logger: logging.Logger, **_: object) -> None:
 
 
 def run_celery(argv: list[str]) -> int:
-    """Celery's command line on our app; its exit code (``worker_main`` discards it)."""
+    """Celery's command line on our app; its exit code. Neither ``worker_main`` nor ``app.start``
+    gives it back (click returns the worker's ``ctx.exit(code)`` in non-standalone mode, and
+    ``app.start`` drops it): a worker that ended on Celery's "Unrecoverable error" would exit 0,
+    and a supervisor would not restart it."""
     import click
+    from celery.bin.celery import celery as celery_command
 
+    celery_command.params[0].default = app  # what app.start does
     try:
-        return int(app.start(argv) or 0)
+        return int(celery_command.main(args=argv, standalone_mode=False) or 0)
+    except click.exceptions.Exit as exit:
+        return int(exit.exit_code or 0)
     except click.ClickException as error:  # a bad celery argument: a usage error, not a traceback
         error.show()
         return EXIT_USAGE
+    finally:
+        celery_command.params[0].default = None
 
 
 def _gpu_ids(spec: str) -> list[int]:

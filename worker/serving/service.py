@@ -38,6 +38,7 @@ from worker.serving.sources import Sources
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_STOP_SLICE_S = 0.1  # how often stop() looks whether the batcher broke meanwhile
 
 
 @dataclass(frozen=True)
@@ -171,11 +172,20 @@ class ScoringService:
 
     def stop(self, broken_timeout: float = 10.0) -> bool:
         """Finish the queued work (fetches first, then the batches they feed), then stop. A
-        broken batcher (its forward may hang for ever) is waited for ``broken_timeout`` at most.
-        Returns whether the batcher thread has ended."""
+        broken batcher (its forward may hang for ever) is waited for ``broken_timeout`` at most,
+        counted from when it is seen broken: also when the watchdog declares it so only while
+        we wait. Returns whether the batcher thread has ended."""
         for pool in self._pools.values():
             pool.shutdown(wait=True)
-        ended = self.batcher.stop(broken_timeout if self.batcher.broken else None)
+        # Joined in slices: the watchdog may find the forward hung (and the batcher broken)
+        # only after shutdown began; from then on the wait is bounded by ``broken_timeout``.
+        give_up_at: float | None = None
+        while not (ended := self.batcher.stop(_STOP_SLICE_S)):
+            if self.batcher.broken:
+                now = time.monotonic()
+                give_up_at = give_up_at if give_up_at is not None else now + broken_timeout
+                if now >= give_up_at:
+                    break
         if self.cache is not None:
             self.cache.close()
         return ended

@@ -20,7 +20,7 @@ from shared.task_names import BULK_QUEUE, EMBED, MAX_URIS_PER_TASK, SCORE, SCORE
 from worker.serving import metrics, runtime
 from worker.serving.batcher import Lane
 from worker.serving.bulk_gate import bulk_slot
-from worker.serving.delivery import DeliveredTask, Plan, check_not_draining, current_plan
+from worker.serving.delivery import DeliveredTask, Plan, check_not_draining, current_plan, note_images_start
 from worker.serving.service import ScoringService, embed_row
 
 Row = TypeVar("Row")
@@ -46,6 +46,7 @@ def _planned(
     as_row: Callable[[Result], Row],
 ) -> list[Row]:
     """``one`` over ``uris`` as the delivery's plan says: batched, image by image, or given up."""
+    note_images_start()
     if plan.give_up is not None:
         return [as_row(result) for result in _errors(uris, ErrorCode.INTERNAL, plan.give_up)]
     if not plan.careful:
