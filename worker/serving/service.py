@@ -26,7 +26,6 @@ from PIL import Image
 from shared.errors import ErrorCode, ScoringError
 from shared.results import ResultFactory, Result
 from shared.settings import Settings
-from worker.model import decode
 from worker.serving import metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
 from worker.serving.budget import SharedBudget
@@ -216,8 +215,11 @@ class ScoringService:
         compressed bytes count too)."""
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
         try:
-            image = decode.open_image(data, max_pixels=self.settings.max_image_pixels)
-            staged = self.mode.stage(image, data, lambda nbytes: self.budget.hold(nbytes + len(data), lane is Lane.BULK))
+            staged = self.mode.stage_bytes(
+                data,
+                self.settings.max_image_pixels,
+                lambda nbytes: self.budget.hold(nbytes + len(data), lane is Lane.BULK),
+            )
         except ScoringError as error:
             error.sha256 = sha256  # type: ignore[attr-defined]
             raise
