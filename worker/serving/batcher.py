@@ -46,6 +46,11 @@ class Lane(IntEnum):
     BULK = 1
 
 
+# The histogram's child per lane, looked up once: ``labels()`` per image took a lock and built
+# a key on the batcher thread, the one thread gpu mode is limited by.
+_QUEUE_WAIT = tuple(metrics.QUEUE_WAIT.labels(lane.name.lower()) for lane in Lane)
+
+
 class BatcherStopped(RuntimeError):
     """Submitted after :meth:`DynamicBatcher.stop`."""
 
@@ -221,7 +226,7 @@ class DynamicBatcher(Generic[Item, Output]):
         if log.isEnabledFor(logging.DEBUG):  # the order of forward passes, lane by lane
             log.debug("forward lanes=%s", "".join("IB"[pending.lane] for pending in batch))
         for pending in batch:
-            metrics.QUEUE_WAIT.labels(pending.lane.name.lower()).observe(started - pending.enqueued)
+            _QUEUE_WAIT[pending.lane].observe(started - pending.enqueued)
         try:
             return [_Launched(batch, self._timed(self._forward, [p.item for p in batch]), None, started)]
         except self._split_on as error:
@@ -354,15 +359,13 @@ def _settle(pending: _Pending, *, result: object = None, error: BaseException | 
     """Resolve ``pending`` unless it is resolved already (the watchdog may have failed a batch
     whose forward returns later)."""
     _release(pending)
-    if pending.future.done():
-        return
-    try:
+    try:  # no done() check first: that is one more lock round trip per image
         if error is not None:
             pending.future.set_exception(error)
         else:
             pending.future.set_result(result)
     except InvalidStateError:
-        pass
+        pass  # resolved already
 
 
 def _release(pending: _Pending) -> None:
