@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from shared.buckets import ANY_BUCKET, is_plain_bucket
@@ -99,6 +99,18 @@ def parse_uri(uri: object) -> LocalRef | S3Ref:
 
 class _Readable(Protocol):
     def read(self, amount: int, /) -> bytes: ...
+
+
+class _FdReader:
+    """``read`` on a bare descriptor: no file object (and its own fstat) per image."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, amount: int) -> bytes:
+        return os.read(self.fd, amount)
 
 
 def _timed_out(what: str) -> ScoringError:
@@ -479,21 +491,28 @@ class Sources:
                     ErrorCode.FORBIDDEN_PATH, f"{ref.path} is outside REALSCORE_LOCAL_ROOTS"
                 )
             try:
-                kind = os.fstat(fd).st_mode
-                if stat.S_ISDIR(kind):
+                info = os.fstat(fd)
+                if stat.S_ISDIR(info.st_mode):
                     raise ScoringError(ErrorCode.NOT_FOUND, f"{_shown(ref.path)}: is a directory")
-                if not stat.S_ISREG(kind):  # a FIFO or a device is refused before it is opened
+                if not stat.S_ISREG(info.st_mode):  # a FIFO or a device: never even opened
                     raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: not a regular file")
-                with open(f"/proc/self/fd/{fd}", "rb", buffering=0, opener=_open_nonblocking) as handle:
-                    return self._read_regular(handle, ref.path, deadline)
+                reader = _open_nonblocking(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                try:  # the same inode as fd: its fstat is `info`
+                    return self._read_regular(_FdReader(reader), ref.path, deadline, info)
+                finally:
+                    os.close(reader)
             except OSError as error:
                 raise _local_error(ref.path, error) from None
         finally:
             os.close(fd)
 
-    def _read_regular(self, handle: BinaryIO, path: str, deadline: float) -> bytes:
-        """The whole of an open regular file, within the size cap and the deadline."""
-        info = os.fstat(handle.fileno())
+    def _read_regular(
+        self, handle: _Readable, path: str, deadline: float, info: os.stat_result | None = None
+    ) -> bytes:
+        """The whole of an open regular file (``info``: its fstat, when known), within the size
+        cap and the deadline."""
+        if info is None:
+            info = os.fstat(handle.fileno())  # type: ignore[attr-defined]
         if not stat.S_ISREG(info.st_mode):  # a FIFO or device: no end, or no writer
             raise ScoringError(ErrorCode.NOT_FOUND, f"{path}: not a regular file")
         size = info.st_size
