@@ -3,7 +3,9 @@
 Every mode has two halves behind one interface:
 
 - :meth:`Mode.stage` runs on the task thread, after the header check (pixel limit, format): it
-  does the mode's CPU work and returns what waits in the batcher queue;
+  does the mode's CPU work and returns what waits in the batcher queue (:meth:`Mode.stage_bytes`
+  is the header check and ``stage`` together; ``gpu`` reads a plain JPEG's header without
+  Pillow there);
 - :meth:`Mode.collate` runs in the forward step on the batcher thread: it turns a batch of
   staged items into normalized pixels on the model's device, and reports the items that failed
   on their own (a corrupt JPEG in ``gpu`` mode) so the rest of the batch is still scored.
