@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import struct
 import sys
 import threading
 import time
@@ -96,7 +97,19 @@ def main() -> None:
     data = args.file.read_bytes()
     max_pixels = 50_000_000
 
-    def header_check(tag: str):
+    # The same picture as a phone would write it: an Exif block (orientation 6, a maker, a date)
+    # and an ICC profile segment before the JFIF one.
+    entries = [(0x010F, 2, 4, b"Cam\x00"), (0x0112, 3, 1, struct.pack("<HH", 6, 0)),
+               (0x0132, 2, 20, struct.pack("<I", 8 + 2 + 3 * 12 + 4))]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", *e[:3]) + e[3] for e in entries)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4 + b"2026:11:26 12:00:00\x00"
+    icc = b"ICC_PROFILE\x00\x01\x01" + bytes(512)
+    phone = data[:2] + b"".join(
+        b"\xff" + bytes([marker]) + struct.pack(">H", len(body) + 2) + body
+        for marker, body in ((0xE1, b"Exif\x00\x00" + tiff), (0xE2, icc))
+    ) + data[2:]
+
+    def header_check(tag: str, data: bytes = data):
         decode = decoders[tag]
         if tag in heads:
             def check() -> object:
@@ -128,6 +141,8 @@ def main() -> None:
             record("local read alone (policy check, open, read; no helper)", tag,
                    lambda: fetcher._fetch_local(ref, time.monotonic() + 10))
             record(f"header check as gpu mode needs it ({args.file.name})", tag, header_check(tag))
+            record("header check, the same with an Exif block (orientation 6) and an ICC segment",
+                   tag, header_check(tag, phone))
             budget = budgets[tag].SharedBudget(1 << 30)
 
             def cycle() -> None:
