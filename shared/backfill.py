@@ -21,7 +21,7 @@ from typing import Any
 
 from shared.backfill_output import Format, OutputFile
 from shared.backfill_progress import Progress
-from shared.backfill_scorers import ChunkHandle, ChunkScorer
+from shared.backfill_scorers import ChunkHandle, ChunkScorer, ScorerBroken
 from shared.backfill_state import BackfillState
 from shared.errors import ErrorCode
 from shared.results import ResultFactory
@@ -164,6 +164,8 @@ class Backfill:
     def _collect(self, chunk: _Chunk) -> None:
         try:
             rows = chunk.handle.get()
+        except ScorerBroken:
+            raise  # not the chunk's fault: stop, write nothing, and a rerun scores it
         except Exception as error:  # noqa: BLE001 - a failed chunk is retried, not fatal
             self._failed(chunk, f"the chunk failed: {type(error).__name__}: {error}")
             return

@@ -15,7 +15,7 @@ import sys
 from shared.backfill import Backfill, Interrupt, Plan, SourceUnavailable, dry_run
 from shared.backfill_output import OutputFile
 from shared.backfill_progress import Progress
-from shared.backfill_scorers import ChunkScorer, InProcessScorer, QueueScorer
+from shared.backfill_scorers import ChunkScorer, InProcessScorer, QueueScorer, ScorerBroken
 from shared.backfill_state import BackfillState, StateMismatch, state_path
 from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from shared.listing import ListingError, iter_source, parse_source
@@ -124,6 +124,8 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
     from kombu.exceptions import OperationalError
     from redis.exceptions import RedisError
 
+    from shared.client import BrokerUnavailable
+
     resume = shlex.join(["realscore", *sys.argv[1:]]) if sys.argv[1:2] == ["backfill"] else "the same command"
     try:
         if args.in_process:
@@ -153,8 +155,14 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         progress.close()
         print(f"realscore backfill: the workers cannot read the source: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    except (OperationalError, RedisError, RuntimeError) as error:
-        # RuntimeError: Celery's "retry limit exceeded" reconnecting to the result backend.
+    except ScorerBroken as error:  # --in-process only: workers hand such chunks back themselves
+        progress.close()
+        print(f"realscore backfill: the model stopped working ({error})", file=sys.stderr)
+        return EXIT_FAILURE
+    # BrokerUnavailable: what shared.client makes of an unreachable Redis when a chunk is sent.
+    except (OperationalError, RedisError, BrokerUnavailable, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not _backend_gave_up(error):
+            raise  # a bug, not a lost connection: its traceback, not a user-facing line
         progress.close()
         print(f"realscore backfill: lost the broker or result backend: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -166,3 +174,15 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         if not finished:
             print(f"realscore backfill: stopped before the end; resume with: {resume}", file=sys.stderr)
     return EXIT_OK if finished else EXIT_INTERRUPTED
+
+
+def _backend_gave_up(error: RuntimeError) -> bool:
+    """Celery's result consumer raises a bare RuntimeError ("Retry limit exceeded while trying to
+    reconnect to the Celery result store backend") from the connection error that outlasted its
+    reconnects: that one is a lost backend; any other RuntimeError is a bug."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    cause = error.__cause__
+    lost = isinstance(cause, (OperationalError, RedisError, OSError))
+    return lost or "retry limit exceeded" in str(error).lower()

@@ -14,6 +14,11 @@ from shared import client
 from shared.task_names import BULK_QUEUE
 
 
+class ScorerBroken(Exception):
+    """The in-process model stopped working (a sticky device error, a hung forward): no chunk
+    can be scored any more, and none of its images is at fault, so nothing is written for it."""
+
+
 class ChunkHandle(Protocol):
     def ready(self) -> bool: ...
 
@@ -64,14 +69,18 @@ class QueueScorer:
 
 
 class _FutureHandle:
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: Future, broken: type[BaseException]) -> None:
         self._future = future
+        self._broken = broken
 
     def ready(self) -> bool:
         return self._future.done()
 
     def get(self) -> list[dict[str, Any]]:
-        return list(self._future.result())
+        try:
+            return list(self._future.result())
+        except self._broken as error:
+            raise ScorerBroken(str(error)) from error
 
     def abandon(self) -> None:
         self._future.cancel()
@@ -82,15 +91,16 @@ class InProcessScorer:
 
     def __init__(self, max_in_flight: int) -> None:
         from shared.settings import get_settings
-        from worker.serving.batcher import Lane
+        from worker.serving.batcher import Lane, ModelBroken
         from worker.serving.embedded import start_service
 
         self._lane = Lane.BULK
+        self._broken = ModelBroken
         self._service = start_service(get_settings())
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="realscore-backfill")
 
     def send(self, uris: list[str]) -> ChunkHandle:
-        return _FutureHandle(self._pool.submit(self._service.score_uris, uris, self._lane))
+        return _FutureHandle(self._pool.submit(self._service.score_uris, uris, self._lane), self._broken)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,9 @@ One function, :func:`redact`, used wherever a URI, URL or error message goes int
 a result. It removes what has the shape of a secret (the password in ``scheme://user:pass@host``,
 the query string of a URL that carries a signature or token, AWS access key ids, ``key=value``
 pairs whose key names a secret) and the literal values of the secrets this process was given
-(``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, the broker's and result backend's passwords).
+(``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, the broker's, result backend's and result
+cache's passwords): log lines through :class:`RedactingFilter`, results through
+:func:`redact_known`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _SECRET_PAIR = re.compile(
     re.IGNORECASE,
 )
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-_URL_SETTINGS = ("REALSCORE_BROKER_URL", "REALSCORE_RESULT_BACKEND")
+_URL_SETTINGS = ("REALSCORE_BROKER_URL", "REALSCORE_RESULT_BACKEND", "REALSCORE_CACHE_URL")
 _MIN_LITERAL = 4  # shorter "secrets" would blank out ordinary words
 
 
@@ -44,7 +46,8 @@ def url_password(url: str) -> str | None:
 
 
 def known_secrets(environ: dict[str, str] | None = None) -> list[str]:
-    """The secret values this process holds, from its environment: AWS keys, broker passwords."""
+    """The secret values this process holds, from its environment (where every setting comes
+    from): AWS keys, the passwords in the broker, result backend and result cache URLs."""
     environ = dict(os.environ if environ is None else environ)
     found = [environ[name] for name in _SECRET_ENV if environ.get(name)]
     for name in _URL_SETTINGS:
@@ -61,8 +64,15 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     text = _AWS_KEY_ID.sub(MASK, text)
     text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{MASK}", text)
     for secret in sorted({s for s in secrets if len(s) >= _MIN_LITERAL}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+        # Only where the value stands alone: a weak password such as RabbitMQ's "guest" must
+        # not turn /data/guestbook.png into /data/***book.png.
+        text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", MASK, text)
     return text
+
+
+def redact_known(text: str) -> str:
+    """:func:`redact` with this process's :func:`known_secrets`, read now: what logs remove."""
+    return redact(text, known_secrets())
 
 
 class RedactingFilter(logging.Filter):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from shared.errors import ErrorCode, ScoringError
-from shared.redact import redact
+from shared.redact import redact_known
 
 Label = Literal["real", "ai"]
 
@@ -45,8 +45,10 @@ class ResultFactory:
 
     ``include_sha256=False`` (``REALSCORE_RESULT_SHA256=false``) leaves ``sha256`` null, so that
     whoever can enqueue cannot confirm an object's contents from its hash. Error results redact
-    their ``uri`` and message (:func:`shared.redact.redact`): a presigned URL or a password that
-    was sent by mistake is never served, and must not be echoed into the result backend either.
+    their ``uri`` and message as logs are redacted (:func:`shared.redact.redact_known`: secret
+    shapes and the literal secrets this process was configured with): a presigned URL, a password
+    sent by mistake or a configured secret quoted in an exception is never served, nor echoed
+    into the result backend.
     """
 
     model: str
@@ -86,13 +88,13 @@ class ResultFactory:
         elapsed_ms: float = 0.0,
     ) -> Result:
         return Result(
-            uri=redact(uri if isinstance(uri, str) else repr(uri)),
+            uri=redact_known(uri if isinstance(uri, str) else repr(uri)),
             ok=False,
             score=None,
             label=None,
             threshold=self.threshold,
             model=self.model,
-            error=ErrorInfo(code=code.value, message=redact(message)),
+            error=ErrorInfo(code=code.value, message=redact_known(message)),
             sha256=sha256 if self.include_sha256 else None,
             elapsed_ms=round(elapsed_ms, 3),
             cached=False,

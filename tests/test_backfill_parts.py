@@ -175,3 +175,65 @@ def test_source_unavailable_is_retried_then_stops_without_writing_rows(tmp_path:
     output.close()
     assert scorer.sent == [["a", "b"], ["a", "b"]]  # one retry, then the stop
     assert list(read_rows(str(tmp_path / "o.jsonl"), "jsonl")) == []  # a rerun scores them
+
+
+@pytest.mark.parametrize("lost", [True, False])
+def test_only_the_result_backends_given_up_reconnect_is_reported_as_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, lost: bool
+) -> None:
+    """Celery's bare RuntimeError after its reconnects is a lost backend (exit 1, one line);
+    any other RuntimeError is a bug and keeps its traceback."""
+    import redis
+    from celery.backends.asynchronous import E_RETRY_LIMIT_EXCEEDED
+
+    from shared import backfill_command
+    from shared.cli import EXIT_FAILURE, build_parser
+
+    class Failing(_Scorer):
+        def send(self, uris: list[str]) -> _Handle:
+            if not lost:
+                raise RuntimeError("dictionary changed size during iteration")
+            try:
+                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            except redis.ConnectionError as error:  # as Celery's result consumer chains it
+                raise RuntimeError(E_RETRY_LIMIT_EXCEEDED) from error
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.png").write_bytes(b"never read")
+    monkeypatch.setattr(backfill_command, "_scorer", lambda args: Failing("not_found"))
+    args = build_parser().parse_args(
+        ["backfill", str(source), "--out", str(tmp_path / "o.jsonl"), "--in-process", "--max-in-flight", "1"]
+    )
+    if lost:
+        assert backfill_command.run(args) == EXIT_FAILURE
+        assert "lost the broker or result backend" in capsys.readouterr().err
+    else:
+        with pytest.raises(RuntimeError, match="dictionary changed size"):
+            backfill_command.run(args)
+        assert "lost the broker" not in capsys.readouterr().err
+
+
+def test_a_broker_lost_while_sending_is_reported_as_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """shared.client turns an unreachable Redis into BrokerUnavailable (a ConnectionError, not a
+    kombu or redis error): sending a chunk then ends the backfill with one line and exit 1."""
+    from shared import backfill_command, client
+    from shared.cli import EXIT_FAILURE, build_parser
+
+    class Unreachable(_Scorer):
+        def send(self, uris: list[str]) -> _Handle:
+            raise client.BrokerUnavailable("Redis (broker or result backend) is unreachable: refused")
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.png").write_bytes(b"never read")
+    monkeypatch.setattr(backfill_command, "_scorer", lambda args: Unreachable("not_found"))
+    args = build_parser().parse_args(
+        ["backfill", str(source), "--out", str(tmp_path / "o.jsonl"), "--in-process", "--max-in-flight", "1"]
+    )
+    assert backfill_command.run(args) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "lost the broker or result backend: Redis (broker or result backend) is unreachable" in err
+    assert "resume with" in err

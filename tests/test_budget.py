@@ -107,3 +107,22 @@ def test_bulk_work_holds_at_most_its_share_and_interactive_work_gets_the_rest() 
     budget.release(held)
     budget.release(interactive)
     assert budget.in_use == 0 and budget.bulk.in_use == 0
+
+
+def test_a_held_share_survives_its_decode_block_shrinks_and_releases_once() -> None:
+    from worker.serving.budget import Held, SharedBudget
+
+    budget = SharedBudget(100, bulk_share=0.5)
+    held = Held(budget, bulk=True)
+    with held.hold(40):  # the decode's peak
+        pass
+    assert budget.in_use == 40 and budget.bulk.in_use == 40  # kept past the block
+    held.keep(15)  # the staged frame
+    assert held.taken == 15 and budget.in_use == 15 and budget.bulk.in_use == 15
+    held.release()
+    held.release()
+    assert budget.in_use == 0 and budget.bulk.in_use == 0
+    with pytest.raises(RuntimeError):
+        with held.hold(30):
+            raise RuntimeError("decode failed")
+    assert budget.in_use == 0 and held.taken == 0

@@ -131,6 +131,7 @@ def test_a_cache_that_is_down_counts_an_error_and_scores_anyway(make_service, lo
     )
     service = make_service(down)
     errors = _counter("realscore_cache_errors_total", op="get")
+    lookup_errors = _counter("realscore_cache_lookups_total", outcome="error")
     batches = service.batcher.batches_run
 
     results = [service.score_bytes("x", _png(4)) for _ in range(2)]
@@ -139,6 +140,7 @@ def test_a_cache_that_is_down_counts_an_error_and_scores_anyway(make_service, lo
     assert results[0]["score"] == results[1]["score"]
     assert service.batcher.batches_run == batches + 2
     assert _counter("realscore_cache_errors_total", op="get") == errors + 1  # then backs off
+    assert _counter("realscore_cache_lookups_total", outcome="error") == lookup_errors  # counted once
     assert _counter("realscore_cache_lookups_total", outcome="skipped") >= 1
 
 

@@ -370,6 +370,13 @@ def test_redact_keeps_ordinary_text_and_removes_known_literals() -> None:
     assert redact("failed with literal-secret-value and broker-pw-123", secrets).count(MASK) == 2
 
 
+def test_known_literals_are_removed_where_they_stand_alone_not_inside_words() -> None:
+    secrets = known_secrets({"REALSCORE_BROKER_URL": "amqp://guest:guest@rabbit:5672//"})
+    assert secrets == ["guest"]
+    assert redact("/data/guestbook.png: not found", secrets) == "/data/guestbook.png: not found"
+    assert redact("login guest refused (user=guest)", secrets) == f"login {MASK} refused (user={MASK})"
+
+
 def test_log_filter_redacts_messages_arguments_and_tracebacks() -> None:
     import io
 
@@ -473,3 +480,18 @@ def test_worker_and_client_on_a_password_redis_keep_secrets_out_of_logs_and_resu
     for secret in secrets:
         assert secret not in done.stdout, secret
         assert secret not in log, secret
+
+
+def test_error_results_remove_the_configured_secrets_as_logs_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret from the settings quoted in an exception never reaches a result."""
+    secret, cache_pw, broker_pw = "wJalrXUtnFEMI-K7MDENG-bPxRfiCY", "cache-pw-4711", "broker-pw-0815"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("REALSCORE_CACHE_URL", f"redis://:{cache_pw}@cache:6379/3")
+    monkeypatch.setenv("REALSCORE_BROKER_URL", f"redis://:{broker_pw}@redis:6379/0")
+    error = RuntimeError(f"signing with {secret} failed; AUTH {cache_pw} refused; then {broker_pw}")
+    result = ResultFactory("m").from_exception(f"s3://media/{secret}.png", error)
+    text = json.dumps(result)
+    for literal in (secret, cache_pw, broker_pw):
+        assert literal not in text
+    assert result["error"]["message"].startswith("RuntimeError: signing with ***")
+    assert result["error"]["code"] == "internal"

@@ -99,3 +99,60 @@ def test_budget_is_released_after_scoring(service_factory, image_dir: Path) -> N
     assert [r["ok"] for r in results] == [True] * 4 + [False]
     assert service.budget.in_use == 0
     assert service.healthy
+
+
+@pytest.mark.parametrize("mode", ["exact", "tensor"])
+def test_decoded_frames_are_counted_in_the_pixel_budget_until_their_batch_ends(
+    loaded_model, image_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Each staged frame is counted by the budget from its decode until its batch ends, so a
+    burst never holds more frames than the budget allows (instrumented, not timed)."""
+    from collections import deque
+
+    from worker.serving.budget import SharedBudget
+
+    settings = load_settings(decode=mode, max_batch_size=4, max_wait_ms=1, concurrency=16)
+    service = ScoringService(loaded_model, settings, local_roots=None)
+    # About two decodes at once (each counts 8 MiB of slack), room for many queued frames.
+    service.budget = SharedBudget(24 << 20)
+    lock = threading.Lock()
+    live = 0  # bytes of staged frames whose batch has not ended
+    sizes: dict[int, int] = {}
+    batches: deque[int] = deque()
+    seen: list[tuple[int, int]] = []  # (live, budget in use) each time a frame appears
+    real_stage, real_collate, real_collect = service.mode.stage, service.mode.collate, loaded_model.collect
+
+    def stage(image, data, hold):
+        nonlocal live
+        staged = real_stage(image, data, hold)
+        with lock:
+            live += staged.nbytes
+            sizes[id(staged.payload)] = staged.nbytes
+            seen.append((live, service.budget.in_use))
+        return staged
+
+    def collate(payloads):
+        with lock:
+            batches.append(sum(sizes.pop(id(p)) for p in payloads))
+        return real_collate(payloads)
+
+    def collect(launched):
+        nonlocal live
+        out = real_collect(launched)
+        with lock:  # before the futures resolve, so before the task threads release
+            live -= batches.popleft()
+        return out
+
+    monkeypatch.setattr(service.mode, "stage", stage)
+    monkeypatch.setattr(service.mode, "collate", collate)
+    monkeypatch.setattr(loaded_model, "collect", collect)
+    service.start()
+    try:
+        images = [str(path) for path in sorted(image_dir.glob("*.png"))]
+        assert service.score_uri(images[0])["ok"]  # alone: nothing else could cover its frame
+        assert all(r["ok"] for r in service.score_uris(images * 12))
+    finally:
+        service.stop()
+    assert len(seen) == 1 + 48
+    assert all(0 < frames <= in_use <= service.budget.capacity for frames, in_use in seen), seen
+    assert live == 0 and service.budget.in_use == 0 and service.budget.bulk.in_use == 0

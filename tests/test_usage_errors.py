@@ -101,20 +101,51 @@ def test_missing_default_weights_list_the_paths_tried(tiny_clip_dir: Path, tmp_p
     assert "torch not imported" in done.stderr
 
 
-def test_a_worker_without_weights_says_so_before_torch(tiny_clip_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["worker"], ["score", "x.png"]])
+def test_missing_weights_exit_2_from_worker_and_score_alike(
+    command: list[str], tiny_clip_dir: Path, tmp_path: Path
+) -> None:
     missing = tmp_path / "modelo_final.pth"
     env = {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_HEAD_WEIGHTS": str(missing)}
-    done = _realscore(["worker"], env)
-    assert done.returncode == 1, done.stderr  # as any model that cannot load: see README
-    assert "cannot load the model" in done.stderr and str(missing) in done.stderr
+    done = _realscore(command, env)
+    assert done.returncode == 2, done.stderr  # a configuration error: see README's exit codes
+    assert str(missing) in done.stderr
     assert "torch not imported" in done.stderr
 
 
-def test_worker_help_lists_celery_options_too() -> None:
-    done = _realscore(["worker", "--help"], {})
+@pytest.mark.parametrize("command", [["worker"], ["score", "x.png"]])
+def test_weights_that_do_not_load_exit_2_from_worker_and_score_alike(
+    command: list[str], tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    """Found, so past the pre-flight check, but the model cannot be built from them."""
+    garbage = tmp_path / "head.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    env = {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_HEAD_WEIGHTS": str(garbage),
+           "REALSCORE_DEVICE": "cpu", "TRANSFORMERS_OFFLINE": "1"}
+    done = _realscore(command, env)
+    assert done.returncode == 2, done.stderr
+    assert str(garbage) in done.stderr and "Traceback" not in done.stderr
+
+
+REFUSED_DELIVERY = {  # valid values that `realscore worker` refuses together
+    "REALSCORE_VISIBILITY_TIMEOUT": "60",
+    "REALSCORE_FETCH_TIMEOUT": "30",
+    "REALSCORE_FORWARD_TIMEOUT": "60",
+}
+
+
+@pytest.mark.parametrize("env", [{}, REFUSED_DELIVERY], ids=["defaults", "refused-delivery-settings"])
+def test_worker_help_lists_celery_options_too(env: dict[str, str]) -> None:
+    done = _realscore(["worker", "--help"], env)
     assert done.returncode == 0, done.stderr
+    assert "VISIBILITY_TIMEOUT" not in done.stderr
     assert "--gpus" in done.stdout and "--concurrency" in done.stdout and "--hostname" in done.stdout
     assert "torch not imported" in done.stderr
+
+
+def test_the_worker_refuses_those_delivery_settings_without_help() -> None:
+    done = _realscore(["worker"], REFUSED_DELIVERY)
+    assert done.returncode == 2 and "REALSCORE_VISIBILITY_TIMEOUT (60 s)" in done.stderr
 
 
 def test_version() -> None:

@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     perturbations = _validate(args)
     # scikit-learn takes seconds to import: only once the arguments are known to be good.
     from worker.lifecycle.evaluation import Condition
+    from worker.serving.batcher import ModelBroken
 
     files = labelled_files(args.real, args.ai)
     paths = [item.path for item in files]
@@ -203,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         else LocalScorer(settings, args.batch_size)
     )
     conditions: list[Condition] = []
+    broken: str | None = None
     try:
         results = scorer.score(paths)
         threshold, means = scorer.rule(results)
@@ -221,11 +223,14 @@ def run(args: argparse.Namespace) -> int:
             condition = Condition.evaluate(perturbation.name, _rows(files, results), **rule)
             conditions.append(condition)
             _print_condition(condition, clean)
+    except ModelBroken as error:  # in-process only: a sticky device error, a hung forward
+        kept = ", ".join(c.name for c in conditions) or "none"
+        broken = f"realscore evaluate: the model stopped working ({error}); conditions finished: {kept}"
     finally:
         scorer.close()
     sys.stdout.flush()
 
-    if args.report:
+    if args.report and conditions:
         from worker.lifecycle.report import write_report
 
         summary = {
@@ -239,4 +244,7 @@ def run(args: argparse.Namespace) -> int:
         }
         written = write_report(args.report, conditions, summary)
         print(f"\nreport: {', '.join(str(path) for path in written)}")
+    if broken is not None:
+        print(broken, file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK if conditions[0].metrics is not None else EXIT_FAILURE

@@ -81,7 +81,9 @@ class Mode(ABC):
 
     @abstractmethod
     def stage(self, image: Image.Image, data: bytes, hold: Hold) -> Staged:
-        """Task-thread work on a header-checked image; decoding happens inside ``hold(bytes)``."""
+        """Task-thread work on a header-checked image; decoding happens inside ``hold(bytes)``.
+        What ``hold`` took stays held (shrunk to ``Staged.nbytes``, which it must cover) until the
+        image's batch has ended: the staged payload is counted while it waits in the queue."""
 
     def stage_bytes(self, data: bytes, max_pixels: int, hold: Hold) -> Staged:
         """The header check (:func:`decode.open_image`), then :meth:`stage`."""
@@ -232,6 +234,10 @@ class GpuMode(TensorMode):
             return orient(self._decode_jpeg(tensor, mode=self._rgb, device=self.device), jpeg.orientation)
         except RuntimeError as error:
             log.info("device JPEG decode refused an image (%s); decoding it with Pillow", error)
+        # This frame is decoded on the batcher thread under only the compressed bytes' budget.
+        # It is bounded all the same: the batcher thread decodes one such image at a time, its
+        # pixels were checked against REALSCORE_MAX_IMAGE_PIXELS on the task thread, and the host
+        # frame is dropped once uploaded; and only JPEGs the device decoder refused come here.
         try:  # Pillow applies the orientation itself
             image = decode.open_image(jpeg.encoded.numpy().tobytes(), max_pixels=1 << 62)  # checked on the task thread
             frame = self.decode_frame(image, _no_hold)
@@ -253,7 +259,7 @@ class _NoHold(AbstractContextManager):
 
 
 def _no_hold(nbytes: int) -> AbstractContextManager:
-    return _NoHold()  # counted already: the staged bytes hold the budget until the batch ends
+    return _NoHold()  # see GpuMode._decode_one: one frame at a time on the batcher thread
 
 
 def resolve_mode(name: str, device: torch.device) -> str:

@@ -19,7 +19,7 @@ import time
 
 import redis
 
-from shared.redact import redact
+from shared.redact import redact, redact_known
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "realscore:attempts:"
@@ -120,8 +120,8 @@ class AttemptCounter:
         entry = {
             "task_id": task_id,
             "task": task_name,
-            "reason": redact(reason),
-            "uris": [redact(uri if isinstance(uri, str) else repr(uri)) for uri in uris],
+            "reason": redact_known(reason),
+            "uris": [redact_known(uri if isinstance(uri, str) else repr(uri)) for uri in uris],
             "attempts": attempt,
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

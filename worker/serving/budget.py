@@ -105,3 +105,48 @@ class SharedBudget:
             yield
         finally:
             self.release(taken)
+
+
+class Held:
+    """One image's share of a :class:`SharedBudget`, held from its decode until its batch ends.
+
+    The mode's ``with hold(nbytes)`` around a decode takes the bytes; leaving the block normally
+    keeps them (an error gives them back), so the decoded frame is counted while it waits for
+    the batcher too. :meth:`keep` shrinks the hold to what stays queued, :meth:`release` ends it.
+    """
+
+    def __init__(self, budget: SharedBudget, bulk: bool = False) -> None:
+        self._budget = budget
+        self._bulk = bulk
+        self._taken = (0, 0)
+
+    @property
+    def taken(self) -> int:
+        """Bytes held now (of the whole budget)."""
+        return self._taken[1]
+
+    def take(self, nbytes: int, timeout: float | None = None) -> None:
+        from_bulk, from_whole = self._budget.acquire(nbytes, self._bulk, timeout)
+        self._taken = (self._taken[0] + from_bulk, self._taken[1] + from_whole)
+
+    @contextmanager
+    def hold(self, nbytes: int, timeout: float | None = None) -> Iterator[None]:
+        taken = self._budget.acquire(nbytes, self._bulk, timeout)
+        try:
+            yield
+        except BaseException:
+            self._budget.release(taken)
+            raise
+        self._taken = (self._taken[0] + taken[0], self._taken[1] + taken[1])
+
+    def keep(self, nbytes: int) -> None:
+        """Give back what is held beyond ``nbytes`` (a decode's peak, once its frame is made)."""
+        from_bulk, from_whole = self._taken
+        kept = (min(from_bulk, nbytes), min(from_whole, nbytes))
+        self._taken = kept
+        self._budget.release((from_bulk - kept[0], from_whole - kept[1]))
+
+    def release(self) -> None:
+        """Give everything back; a second call gives back nothing."""
+        taken, self._taken = self._taken, (0, 0)
+        self._budget.release(taken)

@@ -111,8 +111,7 @@ class ScoreCache:
             value = self._client.get(self.key(sha256))
             score = None if value is None else float(value)
         except (redis.RedisError, OSError, ValueError) as error:
-            self._failed("get", error)
-            metrics.CACHE_LOOKUPS.labels("error").inc()
+            self._failed("get", error)  # counted there only, not as a lookup outcome too
             return None
         metrics.CACHE_LOOKUPS.labels("miss" if score is None else "hit").inc()
         return score

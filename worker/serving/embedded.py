@@ -3,7 +3,9 @@
 It trusts every local path its own user names (``LOCAL_ROOTS`` is the worker's policy), and each
 ``uri`` field echoes the input as given, while relative paths are read from the working directory.
 A local folder stands for the image files under it (recursively, sorted, as ``evaluate`` finds
-them); a progress bar is drawn on stderr when it is a terminal.
+them); a progress bar is drawn on stderr when it is a terminal. Each result is printed as soon as
+it and those before it are done; a model that breaks mid-run (a sticky CUDA error, a hung forward)
+ends the command with one line on stderr and exit code 1, the lines already printed kept.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import sys
 from shared.local_paths import absolute_uri
 from shared.model_files import head_weights_path
 from shared.settings import Settings, get_settings
-from shared.usage import EXIT_OK, UsageError
+from shared.usage import EXIT_FAILURE, EXIT_OK, UsageError
 from worker.model.loader import ModelLoadError, load_model
 from worker.lifecycle.folders import list_images
+from worker.serving.batcher import ModelBroken
 from worker.model.modes import DecodeModeError
 from worker.serving.memory import limit_malloc_arenas
 from worker.serving.progress import progress
@@ -59,13 +62,27 @@ def _inputs(given: list[str]) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     inputs = _inputs(args.uris)
     service = start_service(get_settings(), args.batch_size)
+    written = 0
     try:
         with progress(len(inputs), "scoring") as tick:
-            results = service.map(lambda uri: tick(service.score_uri(uri)), [r for _, r in inputs])
+            # Each line as soon as it is in order: what was scored before a failure stays written.
+            results = service.imap(lambda uri: tick(service.score_uri(uri)), [r for _, r in inputs])
+            for (shown, _), result in zip(inputs, results):
+                result["uri"] = shown
+                sys.stdout.write(json.dumps(result) + "\n")
+                sys.stdout.flush()  # into a pipe too: a crash later must not lose written lines
+                written += 1
+    except ModelBroken as error:
+        sys.stdout.flush()
+        print(
+            f"realscore score: the model stopped working ({error}); "
+            f"{written} of {len(inputs)} results were written",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     finally:
-        service.stop()
-    for (shown, _), result in zip(inputs, results):
-        result["uri"] = shown
-        sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        finally:
+            service.stop()  # also when the reader has gone (BrokenPipeError)
     return EXIT_OK

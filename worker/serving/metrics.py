@@ -27,7 +27,8 @@ IMAGES_SCORED = Counter("realscore_images_scored_total", "Images scored successf
 ERRORS = Counter("realscore_errors_total", "Images that became error results", ["code"])
 CACHE_LOOKUPS = Counter(
     "realscore_cache_lookups_total",
-    "Result-cache lookups by outcome (hit, miss, error, skipped after an error)",
+    "Result-cache lookups by outcome (hit, miss, skipped after an error); a failed lookup is "
+    "counted in realscore_cache_errors_total{op=get} instead",
     ["outcome"],
 )
 CACHE_ERRORS = Counter(

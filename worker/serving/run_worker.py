@@ -87,13 +87,13 @@ def check_delivery_settings(settings: Settings) -> None:
 def run(args: argparse.Namespace) -> int:
     import click
 
-    settings = get_settings()
-    check_delivery_settings(settings)
-    if getattr(args, "help", False):
+    if getattr(args, "help", False):  # before any check: help is for fixing what they refuse
         print(args.own_help())
         print("Celery's worker options (passed through):\n")
         print(celery_help())
         return EXIT_OK
+    settings = get_settings()
+    check_delivery_settings(settings)
     try:
         check_celery_argv(celery_argv(settings, args.extra))
     except click.ClickException as error:
@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         head_weights_path(settings)
         check_tower(settings.model)
-    except ModelFilesError as error:
+    except ModelFilesError as error:  # a configuration error, as in `realscore score`
         print(f"realscore worker: cannot load the model: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_USAGE
     if gpu_ids is not None:
         return supervise(plan_children(gpu_ids, procs, args.extra, settings), args.extra)
     if procs > 1:
@@ -138,7 +138,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
         )
     except (ModelLoadError, ModelFilesError) as error:
         print(f"realscore worker: cannot load the model: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_USAGE
     log.info("model %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
 
     broken = threading.Event()
@@ -157,7 +157,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
         ).start()
     except DecodeModeError as error:
         print(f"realscore worker: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_USAGE
     log.info("results are stamped %s", service.results.model)
     # Deliveries are counted in the broker's Redis, or the result backend's with RabbitMQ.
     bookkeeping = settings.broker_url if settings.broker_url.startswith("redis") else settings.result_backend

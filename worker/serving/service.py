@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from shared.results import ResultFactory, Result
 from shared.settings import Settings
 from worker.serving import metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
-from worker.serving.budget import SharedBudget
+from worker.serving.budget import Held, SharedBudget
 from worker.serving.cache import ScoreCache
 from worker.lifecycle.features import encode_features
 from worker.model.loader import Launched, LoadedModel
@@ -41,10 +41,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Prepared:
-    """An image ready for the batcher (what its preprocessing mode staged)."""
+    """An image ready for the batcher (what its preprocessing mode staged), and the pixel budget
+    it holds until :meth:`ScoringService.infer` has scored it (a caller that drops it unscored
+    calls ``held.release()``)."""
 
     staged: Staged
     sha256: str
+    held: Held
 
 
 @dataclass(frozen=True)
@@ -212,24 +215,31 @@ class ScoringService:
         self, data: bytes, sha256: str | None = None, lane: Lane = Lane.INTERACTIVE
     ) -> Prepared:
         """Check the header and run the mode's CPU work, within the process's pixel budget (the
-        compressed bytes count too)."""
+        compressed bytes count too). The budget the decode took stays held, shrunk to the staged
+        bytes, until :meth:`infer` has scored the image: a decoded frame waiting for the batcher
+        is counted like one being decoded."""
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
+        held = Held(self.budget, bulk=lane is Lane.BULK)
         try:
             staged = self.mode.stage_bytes(
-                data,
-                self.settings.max_image_pixels,
-                lambda nbytes: self.budget.hold(nbytes + len(data), lane is Lane.BULK),
+                data, self.settings.max_image_pixels, lambda nbytes: held.hold(nbytes + len(data))
             )
-        except ScoringError as error:
-            error.sha256 = sha256  # type: ignore[attr-defined]
+            held.keep(staged.nbytes)
+        except BaseException as error:
+            held.release()
+            if isinstance(error, ScoringError):
+                error.sha256 = sha256  # type: ignore[attr-defined]
             raise
-        return Prepared(staged, sha256)
+        return Prepared(staged, sha256, held)
 
     def infer(
         self, prepared: Prepared, lane: Lane = Lane.INTERACTIVE, *, with_features: bool = False
     ) -> tuple[float, torch.Tensor | None]:
-        """Score (and features if asked) of a prepared image, through the batcher (blocks)."""
-        taken = self.budget.acquire(prepared.staged.nbytes, lane is Lane.BULK)
+        """Score (and features if asked) of a prepared image, through the batcher (blocks); the
+        image's pixel budget is given back once its batch has ended."""
+        held = prepared.held
+        if not held.taken:  # scored again: its first infer gave the budget back
+            held.take(prepared.staged.nbytes)
         item = _Item(prepared.staged.payload, with_features)
         # Released here, not by the batcher's on_done: the budget's lock is contended by every
         # task thread, and the one batcher thread must not wait for it (and then for the GIL)
@@ -237,7 +247,7 @@ class ScoringService:
         try:
             return self.batcher.submit(item, lane).result()
         finally:
-            self.budget.release(taken)
+            held.release()
 
     def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
         """One result, never an exception."""
@@ -344,7 +354,14 @@ class ScoringService:
         self, function: Callable[[object], T], items: Sequence[object], lane: Lane = Lane.INTERACTIVE
     ) -> list[T]:
         """``function`` over ``items`` on the lane's fetch threads, results in order."""
-        return list(self._pools[lane].map(function, items))
+        return list(self.imap(function, items, lane))
+
+    def imap(
+        self, function: Callable[[object], T], items: Sequence[object], lane: Lane = Lane.INTERACTIVE
+    ) -> Iterator[T]:
+        """:meth:`map`, each result yielded as soon as it and those before it are done; the first
+        exception is raised in its place (the items not yet started are then cancelled)."""
+        return self._pools[lane].map(function, items)
 
 
 def compile_sizes(max_batch_size: int) -> list[int]:
