@@ -310,3 +310,38 @@ def test_the_watchdog_fails_a_hung_forward_and_everything_queued() -> None:
     assert batcher.stop(timeout=0.2) is False  # the hung thread is not waited for
     release.set()
     assert batcher.stop(timeout=10) is True
+
+
+def test_outcomes_time_out_cancel_and_resolve_once() -> None:
+    """submit's light Future: what its callers rely on of concurrent.futures.Future."""
+    from concurrent.futures import CancelledError, InvalidStateError
+
+    release = threading.Event()
+    forward = Recorder(hold=release)
+    batcher = DynamicBatcher(forward, max_batch_size=1, max_wait_s=0.0).start()
+    try:
+        running = batcher.submit("first")
+        assert forward.entered.wait(10)
+        queued, dropped = batcher.submit("second"), batcher.submit("third")
+        with pytest.raises(TimeoutError):
+            running.result(timeout=0.01)
+        assert not running.cancel()  # a batch has it already
+        assert dropped.cancel() and dropped.done()
+        with pytest.raises(CancelledError):
+            dropped.result(timeout=1)
+        release.set()
+        waiters = [threading.Thread(target=running.result, kwargs={"timeout": 10}) for _ in range(3)]
+        for waiter in waiters:
+            waiter.start()
+        assert running.result(timeout=10) == "out:first"
+        for waiter in waiters:  # every waiter wakes, not only the first
+            waiter.join(10)
+            assert not waiter.is_alive()
+        assert queued.result(timeout=10) == "out:second"
+        with pytest.raises(InvalidStateError):
+            running.set_result("again")  # first wins: the watchdog and a late forward both try
+        assert running.result(timeout=1) == "out:first"
+    finally:
+        release.set()
+        batcher.stop(10)
+    assert [batch for batch in forward.batches] == [["first"], ["second"]]  # "third" never ran

@@ -96,6 +96,32 @@ def test_empty_roots_refuse_local_files_and_say_which_setting(tree: dict[str, Pa
     assert "REALSCORE_LOCAL_ROOTS" in caught.value.message
 
 
+def test_a_missing_file_outside_the_roots_is_forbidden_not_missing(tree: dict[str, Path]) -> None:
+    """Whether a file exists outside the roots is none of the caller's business."""
+    sources = Sources(local_roots=[tree["root"]], max_bytes=1000, timeout=5)
+    assert _code(sources, str(tree["outside"] / "missing.jpg")) == ErrorCode.FORBIDDEN_PATH
+    assert _code(sources, f"{tree['root']}/../outside/missing.jpg") == ErrorCode.FORBIDDEN_PATH
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_local_fetch_checks_the_opened_file_without_resolving_names(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-image path: no Python resolution of the name, the policy still holds."""
+    sources = Sources(local_roots=[tree["root"]], max_bytes=1000, timeout=5)
+
+    def no_resolve(self: Path, strict: bool = False) -> Path:
+        raise AssertionError(f"resolved {self} by name")
+
+    monkeypatch.setattr(Path, "resolve", no_resolve)
+    assert sources.fetch(str(tree["root"] / "ok.bin")) == b"x" * 100
+    assert sources.fetch(str(tree["root"] / "inside-link")) == b"x" * 100
+    assert sources.fetch(f"{tree['root']}/sub/../ok.bin") == b"x" * 100
+    assert _code(sources, str(tree["root"] / "escape")) == ErrorCode.FORBIDDEN_PATH
+    assert _code(sources, str(tree["outside"] / "secret.bin")) == ErrorCode.FORBIDDEN_PATH
+    assert _code(sources, str(tree["root"] / "sub")) == ErrorCode.NOT_FOUND
+
+
 def test_embedded_mode_trusts_every_path(tree: dict[str, Path]) -> None:
     sources = Sources(local_roots=None, max_bytes=1000, timeout=5)
     assert sources.fetch(str(tree["outside"] / "secret.bin")) == b"s" * 10
@@ -189,6 +215,9 @@ def test_other_os_errors_from_resolve_or_open_are_not_internal(
         raise OSError(errno.ELOOP, "Too many levels of symbolic links", str(self))
 
     monkeypatch.setattr(Path, "resolve", failing_resolve)  # Python 3.13 raises ELOOP here
+    # Only the name-based check (no O_PATH, no /proc/self/fd) resolves a path in Python.
+    monkeypatch.setattr(sources_module, "_O_PATH", 0)
+    monkeypatch.setattr(sources_module, "_opened_path", lambda fd: None)
     with pytest.raises(ScoringError) as caught:
         sources.fetch(str(tree["root"] / "ok.bin"))
     assert caught.value.code == ErrorCode.NOT_FOUND
@@ -213,16 +242,31 @@ def test_invalid_bucket_name_is_bad_uri_before_any_request(
 def _swap_after_check(
     sources: Sources, monkeypatch: pytest.MonkeyPatch, directory: Path, target: Path
 ) -> None:
-    """Between the policy check and ``open``, replace ``directory`` by a symlink to ``target``."""
-    checked = sources.check_local_path
+    """Replace ``directory`` by a symlink to ``target`` at the last moment before the file is
+    opened: after the policy check by name (no ``/proc``), or just before the kernel walks the
+    name (``/proc``: the check is on the opened file, there is no check before it to race)."""
+    import worker.serving.sources as sources_module
+
+    checked, open_path = sources.check_local_path, sources_module._open_path
+    swapped: list[bool] = []
+
+    def swap() -> None:
+        if not swapped:
+            swapped.append(True)
+            directory.rename(directory.with_name(directory.name + "-moved"))
+            directory.symlink_to(target, target_is_directory=True)
 
     def check_then_swap(path: str) -> Path:
         resolved = checked(path)
-        directory.rename(directory.with_name(directory.name + "-moved"))
-        directory.symlink_to(target, target_is_directory=True)
+        swap()
         return resolved
 
+    def swap_then_open(path: str) -> int:
+        swap()
+        return open_path(path)
+
     monkeypatch.setattr(sources, "check_local_path", check_then_swap)
+    monkeypatch.setattr(sources_module, "_open_path", swap_then_open)
 
 
 @pytest.mark.parametrize("proc", [True, False], ids=["proc-fd", "no-proc"])
@@ -235,7 +279,8 @@ def test_directory_swapped_for_a_symlink_after_the_check_is_refused(
     (root / "album").mkdir()
     (root / "album" / "secret.bin").write_bytes(b"inside")  # same name as the file outside
     sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
-    if not proc:
+    if not proc:  # a platform without /proc has no O_PATH either: the name-based check
+        monkeypatch.setattr(sources_module, "_O_PATH", 0)
         monkeypatch.setattr(sources_module, "_opened_path", lambda fd: None)
     _swap_after_check(sources, monkeypatch, root / "album", outside)
     with pytest.raises(ScoringError) as caught:

@@ -33,7 +33,12 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise ScoringError(ErrorCode.TOO_MANY_PIXELS, str(error)) from None
     except Exception as error:  # a header Pillow recognises but cannot parse
         raise ScoringError(ErrorCode.CORRUPT_IMAGE, f"unreadable image header: {error}") from None
-    width, height = image.size
+    check_size(*image.size, max_pixels=max_pixels)
+    return image
+
+
+def check_size(width: int, height: int, *, max_pixels: int) -> None:
+    """:func:`open_image`'s checks of a header's size: the pixel limit, and some pixels."""
     if width * height > max_pixels:
         raise ScoringError(
             ErrorCode.TOO_MANY_PIXELS,
@@ -42,7 +47,16 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         )
     if width == 0 or height == 0:
         raise ScoringError(ErrorCode.CORRUPT_IMAGE, f"image has no pixels ({width}x{height})")
-    return image
+
+
+def check_header_size(width: int, height: int, *, max_pixels: int) -> None:
+    """:func:`open_image`'s size checks for a header read without Pillow: Pillow's own
+    decompression-bomb limit first (what ``Image.open`` would have raised), then ours."""
+    try:
+        Image._decompression_bomb_check((width, height))  # the very check Image.open runs
+    except Image.DecompressionBombError as error:
+        raise ScoringError(ErrorCode.TOO_MANY_PIXELS, str(error)) from None
+    check_size(width, height, max_pixels=max_pixels)
 
 
 # Bytes per pixel of a decoded Pillow frame, by mode (Pillow stores 3-band images in 4 bytes).

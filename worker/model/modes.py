@@ -3,7 +3,9 @@
 Every mode has two halves behind one interface:
 
 - :meth:`Mode.stage` runs on the task thread, after the header check (pixel limit, format): it
-  does the mode's CPU work and returns what waits in the batcher queue;
+  does the mode's CPU work and returns what waits in the batcher queue (:meth:`Mode.stage_bytes`
+  is the header check and ``stage`` together; ``gpu`` reads a plain JPEG's header without
+  Pillow there);
 - :meth:`Mode.collate` runs in the forward step on the batcher thread: it turns a batch of
   staged items into normalized pixels on the model's device, and reports the items that failed
   on their own (a corrupt JPEG in ``gpu`` mode) so the rest of the batch is still scored.
@@ -31,7 +33,7 @@ import torch
 from PIL import Image
 
 from shared.errors import ErrorCode, ScoringError
-from worker.model import decode
+from worker.model import decode, jpeghead
 from worker.model.preprocess import Preprocessing
 from worker.model.tensorprep import TensorPreprocessing, orient
 
@@ -82,6 +84,10 @@ class Mode(ABC):
         """Task-thread work on a header-checked image; decoding happens inside ``hold(bytes)``.
         What ``hold`` took stays held (shrunk to ``Staged.nbytes``, which it must cover) until the
         image's batch has ended: the staged payload is counted while it waits in the queue."""
+
+    def stage_bytes(self, data: bytes, max_pixels: int, hold: Hold) -> Staged:
+        """The header check (:func:`decode.open_image`), then :meth:`stage`."""
+        return self.stage(decode.open_image(data, max_pixels=max_pixels), data, hold)
 
     @abstractmethod
     def collate(self, payloads: list[object]) -> Collated:
@@ -176,11 +182,23 @@ class GpuMode(TensorMode):
         self._decode_jpeg = decode_jpeg
         self._rgb = ImageReadMode.RGB
 
+    def stage_bytes(self, data: bytes, max_pixels: int, hold: Hold) -> Staged:
+        """A plain JPEG's header is read without Pillow (jpeghead): all this mode needs of it is
+        its size and orientation; every other file takes :meth:`stage`'s way, through Pillow."""
+        header = jpeghead.read_header(data)
+        if header is None or not _has_end_marker(data):
+            return super().stage_bytes(data, max_pixels, hold)
+        decode.check_header_size(header.width, header.height, max_pixels=max_pixels)
+        return self._stage_jpeg(data, header.orientation, hold)
+
     def stage(self, image: Image.Image, data: bytes, hold: Hold) -> Staged:
         if image.format == "JPEG" and image.mode in ("RGB", "L") and _has_end_marker(data):
-            with hold(0):  # the compressed bytes only: they wait in the queue
-                return Staged(_Jpeg(_encoded(data), decode.orientation(image)), len(data))
+            return self._stage_jpeg(data, decode.orientation(image), hold)
         return super().stage(image, data, hold)
+
+    def _stage_jpeg(self, data: bytes, orientation: int, hold: Hold) -> Staged:
+        with hold(0):  # the compressed bytes only: they wait in the queue
+            return Staged(_Jpeg(_encoded(data), orientation), len(data))
 
     def collate(self, payloads: list[object]) -> Collated:
         jpegs = [i for i, p in enumerate(payloads) if isinstance(p, _Jpeg)]

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, InvalidStateError
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Generic, TypeVar
@@ -44,6 +44,11 @@ Output = TypeVar("Output")
 class Lane(IntEnum):
     INTERACTIVE = 0
     BULK = 1
+
+
+# The histogram's child per lane, looked up once: ``labels()`` per image took a lock and built
+# a key on the batcher thread, the one thread gpu mode is limited by.
+_QUEUE_WAIT = tuple(metrics.QUEUE_WAIT.labels(lane.name.lower()) for lane in Lane)
 
 
 class BatcherStopped(RuntimeError):
@@ -62,11 +67,84 @@ class ItemFailed:
     error: BaseException
 
 
+_PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
+# Makes resolving (or cancelling) an outcome first-wins: the batcher thread and the watchdog may
+# both try. Held for a few bytecodes, by the batcher thread almost always.
+_RESOLVING = threading.Lock()
+
+
+class Outcome(Generic[Output]):
+    """What :meth:`DynamicBatcher.submit` returns: the part of ``concurrent.futures.Future`` its
+    callers use (``result`` with a timeout, ``done``, ``cancel``), at a fraction of the cost.
+
+    A Future is a Condition: resolving it takes its lock and notifies, and a waiter makes and
+    queues a lock of its own; the batcher thread (gpu mode's measured limit) did that for every
+    image, and could block on a task thread holding that lock. Here one lock, held from creation
+    until the outcome is resolved, is what ``result`` waits on; resolving releases it.
+    """
+
+    __slots__ = ("_ready", "_state", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._ready = threading.Lock()
+        self._ready.acquire()
+        self._state = _PENDING
+        self._value: Output | None = None
+        self._error: BaseException | None = None
+
+    def result(self, timeout: float | None = None) -> Output:
+        """The output, or the item's exception; ``TimeoutError`` after ``timeout`` seconds."""
+        if self._state < _DONE:
+            if not self._ready.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError(f"no output within {timeout} s")
+            self._ready.release()  # for any other waiter
+        if self._state == _CANCELLED:
+            raise CancelledError()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def done(self) -> bool:
+        return self._state >= _DONE
+
+    def cancel(self) -> bool:
+        """Cancel unless a batch has taken the item already (as ``Future.cancel``)."""
+        with _RESOLVING:
+            if self._state == _CANCELLED:
+                return True
+            if self._state != _PENDING:
+                return False
+            self._state = _CANCELLED
+        self._ready.release()
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """False for a cancelled item (drop it), else mark it running."""
+        with _RESOLVING:
+            if self._state == _CANCELLED:
+                return False
+            self._state = _RUNNING
+            return True
+
+    def set_result(self, value: Output) -> None:
+        self._resolve(value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._resolve(None, error)
+
+    def _resolve(self, value: Output | None, error: BaseException | None) -> None:
+        with _RESOLVING:
+            if self._state >= _DONE:
+                raise InvalidStateError("already resolved")
+            self._value, self._error, self._state = value, error, _DONE
+        self._ready.release()
+
+
 @dataclass
 class _Pending(Generic[Item, Output]):
     item: Item
     lane: Lane
-    future: Future = field(default_factory=Future)
+    future: Outcome = field(default_factory=Outcome)
     enqueued: float = field(default_factory=time.monotonic)
     on_done: Callable[[], None] | None = None
 
@@ -130,8 +208,8 @@ class DynamicBatcher(Generic[Item, Output]):
         item: Item,
         lane: Lane = Lane.INTERACTIVE,
         on_done: Callable[[], None] | None = None,
-    ) -> Future:
-        """Queue ``item``; the future resolves to its output. ``on_done`` runs after its batch."""
+    ) -> Outcome[Output]:
+        """Queue ``item``; the outcome resolves to its output. ``on_done`` runs after its batch."""
         pending: _Pending[Item, Output] = _Pending(item, lane, on_done=on_done)
         with self._cond:
             if self.broken:
@@ -221,7 +299,7 @@ class DynamicBatcher(Generic[Item, Output]):
         if log.isEnabledFor(logging.DEBUG):  # the order of forward passes, lane by lane
             log.debug("forward lanes=%s", "".join("IB"[pending.lane] for pending in batch))
         for pending in batch:
-            metrics.QUEUE_WAIT.labels(pending.lane.name.lower()).observe(started - pending.enqueued)
+            _QUEUE_WAIT[pending.lane].observe(started - pending.enqueued)
         try:
             return [_Launched(batch, self._timed(self._forward, [p.item for p in batch]), None, started)]
         except self._split_on as error:
@@ -354,15 +432,13 @@ def _settle(pending: _Pending, *, result: object = None, error: BaseException | 
     """Resolve ``pending`` unless it is resolved already (the watchdog may have failed a batch
     whose forward returns later)."""
     _release(pending)
-    if pending.future.done():
-        return
-    try:
+    try:  # no done() check first: that is one more lock round trip per image
         if error is not None:
             pending.future.set_exception(error)
         else:
             pending.future.set_result(result)
     except InvalidStateError:
-        pass
+        pass  # resolved already
 
 
 def _release(pending: _Pending) -> None:

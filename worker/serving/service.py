@@ -26,7 +26,6 @@ from PIL import Image
 from shared.errors import ErrorCode, ScoringError
 from shared.results import ResultFactory, Result
 from shared.settings import Settings
-from worker.model import decode
 from worker.serving import metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
 from worker.serving.budget import Held, SharedBudget
@@ -232,8 +231,9 @@ class ScoringService:
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
         held = Held(self.budget, bulk=lane is Lane.BULK)
         try:
-            image = decode.open_image(data, max_pixels=self.settings.max_image_pixels)
-            staged = self.mode.stage(image, data, lambda nbytes: held.hold(nbytes + len(data)))
+            staged = self.mode.stage_bytes(
+                data, self.settings.max_image_pixels, lambda nbytes: held.hold(nbytes + len(data))
+            )
             held.keep(staged.nbytes)
         except BaseException as error:
             held.release()

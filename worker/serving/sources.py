@@ -101,6 +101,18 @@ class _Readable(Protocol):
     def read(self, amount: int, /) -> bytes: ...
 
 
+class _FdReader:
+    """``read`` on a bare descriptor: no file object (and its own fstat) per image."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, amount: int) -> bytes:
+        return os.read(self.fd, amount)
+
+
 def _timed_out(what: str) -> ScoringError:
     return ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: not read within the deadline")
 
@@ -314,6 +326,23 @@ def _open_nonblocking(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NONBLOCK)
 
 
+# Linux: a descriptor that names a file without opening it (no device's open() runs, a FIFO
+# does not block, no read permission is needed), which /proc/self/fd can then reopen.
+_O_PATH = getattr(os, "O_PATH", 0)
+
+
+def _open_path(path: str) -> int:
+    """An ``O_PATH`` descriptor of ``path``, symlinks followed, by one walk in the kernel."""
+    return os.open(path, _O_PATH | os.O_CLOEXEC)
+
+
+def _root_prefixes(roots: Sequence[Path]) -> tuple[str, ...]:
+    """``"/root/"`` per root: a canonical path is inside a root when it starts with one (or is
+    the root itself), which is :meth:`Path.is_relative_to` on strings, without building Paths."""
+    return tuple(str(root).rstrip("/") + "/" for root in roots)
+
+
+
 class Sources:
     """Fetches image bytes. One instance per process: its S3 client is thread-safe and pooled."""
 
@@ -329,6 +358,7 @@ class Sources:
     ) -> None:
         # None trusts every path (the embedded CLI); a list, even empty, is the worker's policy.
         self.local_roots = None if local_roots is None else [Path(r).resolve() for r in local_roots]
+        self._root_prefixes = _root_prefixes(self.local_roots or ())
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._s3_endpoint_url = s3_endpoint_url
@@ -422,22 +452,76 @@ class Sources:
             raise ScoringError(ErrorCode.FORBIDDEN_PATH, escaped)
 
     def _fetch_local(self, ref: LocalRef, deadline: float) -> bytes:
-        path = self.check_local_path(ref.path)
+        if self.local_roots is not None and not self.local_roots:
+            self.check_local_path(ref.path)  # raises: local files are not served
+        if self.local_roots is not None and _O_PATH:
+            data = self._fetch_opened_first(ref, deadline)
+            if data is not None:
+                return data
+        if self.local_roots is None:  # trusted: no policy to check, ".." collapsed by name as ever
+            path: str | Path = os.path.abspath(ref.path)
+        else:
+            path = self.check_local_path(ref.path)
         try:
             with open(path, "rb", opener=_open_nonblocking) as handle:
                 self.check_opened(handle.fileno(), ref.path)  # before anything is read
-                info = os.fstat(handle.fileno())
-                if not stat.S_ISREG(info.st_mode):  # a FIFO or device: no end, or no writer
-                    raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: not a regular file")
-                size = info.st_size
-                if size > self.max_bytes:
-                    raise ScoringError(
-                        ErrorCode.TOO_LARGE,
-                        f"{ref.path}: {size} bytes, over {self.max_bytes} (REALSCORE_MAX_IMAGE_BYTES)",
-                    )
-                return _read_capped(handle, self.max_bytes, deadline, ref.path)
+                return self._read_regular(handle, ref.path, deadline)
         except OSError as error:  # ELOOP, ENAMETOOLONG, EIO... too: none of them is `internal`
             raise _local_error(ref.path, error) from None
+
+    def _fetch_opened_first(self, ref: LocalRef, deadline: float) -> bytes | None:
+        """The policy checked on the file itself: the name is walked once, by the kernel, into an
+        ``O_PATH`` descriptor (opening nothing), whose canonical path ``/proc/self/fd`` tells;
+        inside the roots and a regular file, that very file is reopened for reading. No
+        component-by-component resolution in Python (the per-image cost it had) and no window
+        between check and open. None (the caller resolves by name instead) where ``/proc`` is
+        missing, or when the walk fails: the name-based check then says ``forbidden_path`` for a
+        missing file outside the roots, as before, rather than whether it exists."""
+        try:
+            # abspath collapses ".." by name first, as the name-based check always did.
+            fd = _open_path(os.path.abspath(ref.path))
+        except OSError:
+            return None
+        try:
+            opened = _opened_path(fd)
+            if opened is None:
+                return None
+            if not (opened + "/").startswith(self._root_prefixes):
+                raise ScoringError(
+                    ErrorCode.FORBIDDEN_PATH, f"{ref.path} is outside REALSCORE_LOCAL_ROOTS"
+                )
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISDIR(info.st_mode):
+                    raise ScoringError(ErrorCode.NOT_FOUND, f"{_shown(ref.path)}: is a directory")
+                if not stat.S_ISREG(info.st_mode):  # a FIFO or a device: never even opened
+                    raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: not a regular file")
+                reader = _open_nonblocking(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                try:  # the same inode as fd: its fstat is `info`
+                    return self._read_regular(_FdReader(reader), ref.path, deadline, info)
+                finally:
+                    os.close(reader)
+            except OSError as error:
+                raise _local_error(ref.path, error) from None
+        finally:
+            os.close(fd)
+
+    def _read_regular(
+        self, handle: _Readable, path: str, deadline: float, info: os.stat_result | None = None
+    ) -> bytes:
+        """The whole of an open regular file (``info``: its fstat, when known), within the size
+        cap and the deadline."""
+        if info is None:
+            info = os.fstat(handle.fileno())  # type: ignore[attr-defined]
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device: no end, or no writer
+            raise ScoringError(ErrorCode.NOT_FOUND, f"{path}: not a regular file")
+        size = info.st_size
+        if size > self.max_bytes:
+            raise ScoringError(
+                ErrorCode.TOO_LARGE,
+                f"{path}: {size} bytes, over {self.max_bytes} (REALSCORE_MAX_IMAGE_BYTES)",
+            )
+        return _read_capped(handle, self.max_bytes, deadline, path)
 
     # S3 --------------------------------------------------------------------------------------
 
