@@ -138,5 +138,6 @@ def test_a_child_that_fails_is_reported_and_stops_the_group(worker_env: dict, tm
     log = group.log()
     assert code != 0, log
     name = group.node.split("@")[0]
-    assert f"realscore worker: {name}-" in log and "exited with code 1" in log, log
+    # A model that cannot load (here: no CUDA) is a configuration error: exit 2 (README).
+    assert f"realscore worker: {name}-" in log and "exited with code 2" in log, log
     assert "CUDA is not available" in log, log
