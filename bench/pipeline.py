@@ -350,6 +350,7 @@ def main() -> None:
             for batch in batches:
                 label = "(i) model alone, launch + collect"
                 if args.compile != "off":
+                    print(f"pipeline.py: compiling ({args.compile}) for batch {batch}...", flush=True)
                     began = time.perf_counter()
                     loaded.compile(args.compile, [batch], backend=args.compile_backend)
                     took = time.perf_counter() - began
