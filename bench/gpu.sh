@@ -14,6 +14,8 @@
 #   worker     (iii)+(iv) `realscore worker` in gpu mode, --procs-per-gpu 1, 2, 4:
 #                   client.score_many, and client.score from 64 threads (p50/p99)
 #   exact8     (iii)+(iv) the same in exact mode with 8 processes per GPU
+#   compile2   as `compile` with REALSCORE_COMPILE=$BENCH_COMPILE2 (default `reduce-overhead`: CUDA
+#              graphs), in what time is left
 #   pytest     `pytest -m gpu` on the files carrying the mark (-> pytest-gpu.log; its summary line
 #              -> pytest-gpu.txt)
 #   preprocess bench/preprocess.py (-> preprocess.md): not in the default BENCH_STEPS (measured
@@ -30,10 +32,11 @@
 # Knobs (environment; not REALSCORE_* since the service refuses REALSCORE_* variables that are no
 # setting, and these would reach its workers; REALSCORE_BENCH_* spellings are taken and unset):
 # BENCH_DEVICE (cuda), BENCH_TOWER (large14), BENCH_IMAGES (2048), BENCH_SECONDS (5: each (i)
-# figure and each (iv) run), BENCH_STEPS (model,service32,service64,compile,worker,exact8,pytest),
-# BENCH_COMPILE (default), BENCH_COMPILE_BACKEND (inductor), BENCH_WORKER_PROCS (1,2,4),
-# BENCH_EXACT_PROCS (8), BENCH_DATA (/tmp/realscore-gpu-data), BENCH_PYTHON (python3),
-# BENCH_CARRY_DIR (the repo root: where .whl/ and .redis/ are), BENCH_BUDGET_S (520).
+# figure and each (iv) run), BENCH_STEPS (model,service32,service64,compile,worker,exact8,compile2,
+# pytest), BENCH_COMPILE (default), BENCH_COMPILE2 (reduce-overhead), BENCH_COMPILE_BACKEND
+# (inductor), BENCH_WORKER_PROCS (1,2,4), BENCH_EXACT_PROCS (8), BENCH_DATA
+# (/tmp/realscore-gpu-data), BENCH_PYTHON (python3), BENCH_CARRY_DIR (the repo root: where .whl/
+# and .redis/ are), BENCH_BUDGET_S (520).
 # A CPU rehearsal (~3-4 minutes on the 2-core VM):
 #   BENCH_DEVICE=cpu BENCH_TOWER=tiny BENCH_IMAGES=128 BENCH_SECONDS=1 BENCH_EXACT_PROCS=2 \
 #     BENCH_COMPILE_BACKEND=eager bash bench/gpu.sh /tmp/gpuout
@@ -43,7 +46,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 OUTDIR=${1:-${OUT:-/tmp/realscore-gpu}}
 mkdir -p "$OUTDIR"
-for knob in DEVICE TOWER IMAGES SECONDS STEPS COMPILE COMPILE_BACKEND WORKER_PROCS EXACT_PROCS DATA \
+for knob in DEVICE TOWER IMAGES SECONDS STEPS COMPILE COMPILE2 COMPILE_BACKEND WORKER_PROCS EXACT_PROCS DATA \
         PYTHON CARRY_DIR BUDGET_S; do
     legacy=REALSCORE_BENCH_$knob
     if [ -n "${!legacy:-}" ]; then
@@ -57,8 +60,9 @@ DEVICE=${BENCH_DEVICE:-cuda}
 TOWER=${BENCH_TOWER:-large14}
 IMAGES=${BENCH_IMAGES:-2048}
 SECONDS_EACH=${BENCH_SECONDS:-5}
-STEPS=,${BENCH_STEPS:-model,service32,service64,compile,worker,exact8,pytest},
+STEPS=,${BENCH_STEPS:-model,service32,service64,compile,worker,exact8,compile2,pytest},
 COMPILE=${BENCH_COMPILE:-default}
+COMPILE2=${BENCH_COMPILE2:-reduce-overhead}
 COMPILE_BACKEND=${BENCH_COMPILE_BACKEND:-inductor}
 WORKER_PROCS=${BENCH_WORKER_PROCS:-1,2,4}
 EXACT_PROCS=${BENCH_EXACT_PROCS:-8}
@@ -128,6 +132,8 @@ step compile 130 "$K" "${PIPE[@]}" --skip ii,iii,iv --model-batches 32,64 --comp
     --compile-backend "$COMPILE_BACKEND"
 step worker 200 "$K" "${PIPE[@]}" --decode gpu --procs-per-gpu "$WORKER_PROCS" --skip i,ii
 step exact8 110 "$K" "${PIPE[@]}" --decode exact --procs-per-gpu "$EXACT_PROCS" --skip i,ii
+step compile2 100 "$K" "${PIPE[@]}" --skip ii,iii,iv --model-batches 32,64 --compile "$COMPILE2" \
+    --compile-backend "$COMPILE_BACKEND"
 
 # The GPU tests (files with the gpu mark only: the others need moto, fakeredis...).
 gpu_tests=$(grep -l 'mark.gpu' tests/test_*.py 2>/dev/null | tr '\n' ' ')
