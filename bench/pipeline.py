@@ -15,6 +15,11 @@ figures, asserts nothing.
     python bench/pipeline.py --tower tiny --device cpu --images 256 --procs-per-gpu 1,2
     python bench/pipeline.py --tower large14 --device cuda --decode gpu,exact --procs-per-gpu 1,4 \\
         --images 2048 --seconds 10 --out /tmp/pipeline.md
+    python bench/pipeline.py --tower large14 --device cuda --skip ii,iii,iv --model-batches 32,64 \\
+        --compile default --data /tmp/rs-data      # (i) compiled; the compile time in the row
+
+``--data DIR`` keeps the tower and the JPEGs in DIR and reuses them on the next run (bench/gpu.sh
+runs several short invocations, each under its own time cap, on one set of files).
 """
 
 from __future__ import annotations
@@ -174,6 +179,19 @@ def _mean_batch(before: tuple[float, float], after: tuple[float, float]) -> str:
     return f"{images / batches:.1f}" if batches > 0 else "-"
 
 
+def prepare_data(root: Path, tower: str, images: int) -> tuple[Path, Path, list[str]]:
+    """The tower, its head and ``images`` JPEGs under ``root``, reused when a previous run with
+    the same tower left them there (a ``done`` marker is written last)."""
+    marker = root / f"done-{tower}-{images}"
+    if marker.exists():
+        paths = sorted(str(p) for p in (root / "images").glob("photo*.jpg"))[:images]
+        return root / "clip", root / "head.pth", paths
+    tower_dir, head = build(root, tower)
+    paths = make_jpegs(root / "images", images)
+    marker.touch()
+    return tower_dir, head, paths
+
+
 def model_alone(loaded, paths: list[str], batch: int, seconds: float) -> tuple[float, int]:
     """Images/s of the model as a ``score`` task runs it (``launch`` + ``collect``, no features
     copied back) on a CPU batch of real preprocessed images: the copy to the device included."""
@@ -260,6 +278,8 @@ def settings_for(mode: str, args: argparse.Namespace, **overrides: object):
     from shared.settings import Settings, load_settings
 
     values: dict[str, object] = dict(overrides)
+    if args.compile != "off":
+        values["compile"] = args.compile
     if "decode" in Settings.model_fields:
         values["decode"] = mode
     elif mode != "exact":
@@ -283,6 +303,12 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a worker to start")
     parser.add_argument("--out", type=Path, default=None, help="append the tables to this file")
     parser.add_argument("--skip", default="", help="comma-separated paths to skip: i,ii,iii,iv")
+    parser.add_argument("--model-batches", default="", help="comma-separated batch sizes for (i) "
+                        "(default: MAX_BATCH_SIZE)")
+    parser.add_argument("--compile", default="off", help="REALSCORE_COMPILE for every path: (i) "
+                        "compiles each of its batch sizes and shows the compile time; off by default")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for (i)")
+    parser.add_argument("--data", type=Path, default=None, help="keep and reuse tower and JPEGs here")
     args = parser.parse_args()
     def hurry(signum: int, _frame: object) -> None:
         global _HURRY
@@ -299,9 +325,10 @@ def main() -> None:
     out = open(args.out, "a") if args.out else None
     with tempfile.TemporaryDirectory(prefix="realscore-pipeline-") as tmp:
         root = Path(tmp)
+        data = args.data or root
+        data.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        tower_dir, head = build(root, args.tower)
-        paths = make_jpegs(root / "images", args.images)
+        tower_dir, head, paths = prepare_data(data, args.tower, args.images)
         prepared_s = time.perf_counter() - started
 
         from worker.model.loader import load_model
@@ -315,13 +342,23 @@ def main() -> None:
             f"- tower {args.tower} ({str(loaded.dtype).removeprefix('torch.')}) on {loaded.device}, "
             f"{len(paths)} photo-like 1024x768 JPEGs (built in {prepared_s:.0f} s), "
             f"MAX_BATCH_SIZE {base.max_batch_size}, {base.task_concurrency} task threads per process, "
-            f"{args.callers} callers for (iv)",
+            f"{args.callers} callers for (iv), REALSCORE_COMPILE {args.compile}",
         ]
         table = Table("Pipeline: images/s by layer", COLUMNS, out, notes)
         if "i" not in skip:
-            rate, done = model_alone(loaded, paths, base.max_batch_size, args.seconds)
-            table.row("(i) model alone, launch + collect", "-", "-", done, rate, "-", "-",
-                      base.max_batch_size)
+            batches = [int(b) for b in args.model_batches.split(",") if b] or [base.max_batch_size]
+            for batch in batches:
+                label = "(i) model alone, launch + collect"
+                if args.compile != "off":
+                    print(f"pipeline.py: compiling ({args.compile}) for batch {batch}...", flush=True)
+                    began = time.perf_counter()
+                    loaded.compile(args.compile, [batch], backend=args.compile_backend)
+                    took = time.perf_counter() - began
+                    label += f", compiled {args.compile} ({took:.0f} s to compile)"
+                    print(f"pipeline.py: compiled {args.compile} for batch {batch} in {took:.1f} s", flush=True)
+                rate, done = model_alone(loaded, paths, batch, args.seconds)
+                table.row(label, "-", "-", done, rate, "-", "-", batch)
+            loaded.compiled_sizes, loaded._features = (), None  # (ii) compiles as the service does
 
         redis_server = None if {"iii", "iv"} <= skip else PrivateRedis(root)
         try:
@@ -363,8 +400,9 @@ def _through_worker(table, args, mode, procs, paths, tower_dir, head, redis_serv
         "REALSCORE_DECODE": mode,
         "REALSCORE_BROKER_URL": redis_server.url,
         "REALSCORE_RESULT_BACKEND": redis_server.url,
-        "REALSCORE_LOCAL_ROOTS": json.dumps([str(root / "images")]),
+        "REALSCORE_LOCAL_ROOTS": json.dumps([str(Path(paths[0]).parent)]),
         "REALSCORE_CACHE_URL": "",
+        "REALSCORE_COMPILE": args.compile,
     }
     if args.batch:
         env["REALSCORE_MAX_BATCH_SIZE"] = str(args.batch)
