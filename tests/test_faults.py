@@ -25,7 +25,7 @@ from celery.result import AsyncResult
 from shared.task_names import BULK_QUEUE, INTERACTIVE_QUEUE, SCORE, SCORE_MANY
 from tests.processes import WorkerProcess, free_port, wait_until
 from tests.tiny_clip import noise_image
-from tests.worker_helpers import private_redis
+from tests.worker_helpers import fill, private_redis
 from worker.serving.attempts import read_dead_letters
 
 pytestmark = [
@@ -288,17 +288,6 @@ def test_warm_shutdown_hands_back_unstarted_images_at_once(worker_env: dict, pic
 
 
 # A full Redis -----------------------------------------------------------------------------------
-
-
-def fill(store: redis.Redis) -> None:
-    """16 MiB of ``filler:*`` keys, then ``maxmemory`` 4 MiB below what Redis now uses: full, with a
-    margin that no freed client buffer closes (writing until the first refusal would leave it
-    on the edge, where the next small write may pass)."""
-    for i in range(16):
-        store.set(f"filler:{i}", b"x" * 2**20)
-    store.config_set("maxmemory", store.info("memory")["used_memory"] - 4 * 2**20)
-    with pytest.raises(redis.exceptions.OutOfMemoryError):
-        store.set("probe", b"1")
 
 
 def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
