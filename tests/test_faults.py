@@ -332,6 +332,7 @@ def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(worker_env:
         store.close()
 
 
+@pytest.mark.slow  # the first task waits out the visibility timeout
 def test_a_message_taken_from_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
     """Redis lets a worker pop a queued message when full (BRPOP frees memory) but refuses to
     record it as unacknowledged (ZADD/HSET): the message must go back to its queue, and the worker

@@ -12,8 +12,10 @@ Here that refusal puts the message back where it was popped from (the end of its
 even when full: it only takes back the memory the pop freed. Celery never sees the message, and
 this channel takes no message for :data:`PAUSE` seconds (its QoS says it cannot consume, which
 kombu's poller asks before each ``BRPOP``), then tries again: while Redis stays full, each worker
-pops and puts back one message a second and takes no work. Nothing else changes: a message whose
-recording succeeds is handled exactly as kombu does.
+pops and puts back one message a second and takes no work. A message whose recording succeeds is
+handled exactly as kombu does. Two of kombu's once-a-second chores that a full Redis refuses (the
+sweep for messages to redeliver, the refresh of binding expiries) log a debug line instead of a
+traceback each time; kombu retries both.
 
 Installed in a worker process by :func:`install` (kombu chooses its transport by the URL's
 scheme, so the ``redis``, ``rediss`` and ``sentinel`` names are pointed at these classes).
