@@ -25,7 +25,7 @@ from celery.result import AsyncResult
 from shared.task_names import BULK_QUEUE, INTERACTIVE_QUEUE, SCORE, SCORE_MANY
 from tests.processes import WorkerProcess, free_port, wait_until
 from tests.tiny_clip import noise_image
-from tests.worker_helpers import private_redis
+from tests.worker_helpers import fill, private_redis
 from worker.serving.attempts import read_dead_letters
 
 pytestmark = [
@@ -290,17 +290,6 @@ def test_warm_shutdown_hands_back_unstarted_images_at_once(worker_env: dict, pic
 # A full Redis -----------------------------------------------------------------------------------
 
 
-def fill(store: redis.Redis) -> None:
-    """16 MiB of ``filler:*`` keys, then ``maxmemory`` 4 MiB below what Redis now uses: full, with a
-    margin that no freed client buffer closes (writing until the first refusal would leave it
-    on the edge, where the next small write may pass)."""
-    for i in range(16):
-        store.set(f"filler:{i}", b"x" * 2**20)
-    store.config_set("maxmemory", store.info("memory")["used_memory"] - 4 * 2**20)
-    with pytest.raises(redis.exceptions.OutOfMemoryError):
-        store.set("probe", b"1")
-
-
 def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
     """Under ``noeviction`` a full Redis refuses the result write: the message must not be
     acknowledged. Once memory is freed, the task runs again and its caller gets the real result."""
@@ -340,6 +329,53 @@ def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(worker_env:
         assert "result write failed" in process.log()
         assert code == 0, process.log()
         assert not store.hlen("unacked")
+        store.close()
+
+
+@pytest.mark.slow  # the first task waits out the visibility timeout
+def test_a_message_taken_from_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
+    """Redis lets a worker pop a queued message when full (BRPOP frees memory) but refuses to
+    record it as unacknowledged (ZADD/HSET): the message must go back to its queue, and the worker
+    carry on, taking it once there is room."""
+    held = served_dir / "faults" / "hold-popped.png"
+    noise_image(8, (64, 64)).save(held)
+    release = tmp_path / "hold"
+    release.touch()
+    with private_redis() as url:
+        store = redis.Redis.from_url(url)
+        store.config_set("maxmemory-policy", "noeviction")
+        app = make_app(url, url)
+        # One thread, one prefetch slot: the second task stays queued until the first gives its
+        # slot back, which it does (its requeue refused) only once Redis is full.
+        process = fault_worker(
+            worker_env, url, url, tmp_path / "w.log", "--concurrency", "1",
+            FAULT_HOLD_URI="hold-popped", FAULT_TRIGGER=str(release),
+        ).start()
+        try:
+            process.wait_ready(app, START)
+            first = app.send_task(SCORE, args=[str(held)])
+            wait_until(lambda: active_on(app, process.node) == 1, 60, "the first task in the worker's hands")
+            queued = app.send_task(SCORE, args=[pictures[0]])
+            assert store.llen(INTERACTIVE_QUEUE) == 1
+            fill(store)
+            release.unlink()  # the first task's result is refused, its slot given back: the worker pops
+            wait_until(lambda: "went back to its queue" in process.log(), 60, "the popped message put back")
+            assert process.process.poll() is None, process.log()  # the worker carries on
+            # Back in the queue (the worker pops it again about once a second and puts it back).
+            wait_until(lambda: store.llen(INTERACTIVE_QUEUE) == 1, 10, "the second task queued")
+            assert store.hlen("unacked") == 1  # the first task, for redelivery
+            store.delete(*store.keys("filler:*"))
+            second = queued.get(timeout=60)
+            result = first.get(timeout=90)  # redelivered after the visibility timeout (10 s)
+            assert process.process.poll() is None, process.log()
+        finally:
+            code = process.stop()
+        assert second["ok"] and second["uri"] == pictures[0], second
+        assert result["ok"] and result["uri"] == str(held), result
+        assert code == 0, process.log()
+        # kombu's sweeps on a full Redis are not logged as errors with a traceback each second.
+        assert "Error in timer" not in process.log() and "binding_expiry" not in process.log()
+        assert not store.hlen("unacked") and not store.llen(INTERACTIVE_QUEUE)
         store.close()
 
 

@@ -92,6 +92,17 @@ def private_redis(password: str | None = None) -> Iterator[str]:
         server.stop()
 
 
+def fill(store: redis.Redis) -> None:
+    """16 MiB of ``filler:*`` keys, then ``maxmemory`` 4 MiB below what Redis now uses: full, with a
+    margin that no freed client buffer closes (writing until the first refusal would leave it
+    on the edge, where the next small write may pass)."""
+    for i in range(16):
+        store.set(f"filler:{i}", b"x" * 2**20)
+    store.config_set("maxmemory", store.info("memory")["used_memory"] - 4 * 2**20)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        store.set("probe", b"1")
+
+
 def app_for(url: str) -> Celery:
     """A Celery app configured like ``shared.celery_app.app`` but on another Redis."""
     from shared.celery_app import configure

@@ -28,6 +28,11 @@ LATE_STARTS = Counter(
     "Tasks whose images started after more than half of REALSCORE_VISIBILITY_TIMEOUT in this "
     "worker's hands (prefetched, waiting for a bulk slot): near redelivery to another worker",
 )
+BROKER_FULL_PUT_BACKS = Counter(
+    "realscore_broker_full_put_backs_total",
+    "Messages popped from a full broker Redis that it refused to record as unacknowledged, put "
+    "back in their queue (about one a second per worker while Redis stays full)",
+)
 IMAGES_SCORED = Counter("realscore_images_scored_total", "Images scored successfully")
 ERRORS = Counter("realscore_errors_total", "Images that became error results", ["code"])
 CACHE_LOOKUPS = Counter(

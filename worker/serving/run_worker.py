@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings: Settings, extra: list[str]) -> int:
     from celery import signals
 
-    from worker.serving import bulk_gate, metrics, runtime
+    from worker.serving import bulk_gate, metrics, redis_transport, runtime
     from worker.serving.attempts import AttemptCounter
     from worker.model.loader import ModelLoadError, load_model
     from worker.model.modes import DecodeModeError
@@ -131,6 +131,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
 
     install_log_redaction()
     configure_worker(app)
+    redis_transport.install()  # a message popped from a full Redis goes back to its queue
     limit_malloc_arenas()
     start_malloc_trimmer(settings.malloc_trim_interval)
     try:
