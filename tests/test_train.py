@@ -192,6 +192,39 @@ def test_via_queue_uses_the_embed_task(
     assert "+tower:abcdef" in capsys.readouterr().err
 
 
+def test_a_model_that_breaks_mid_extraction_ends_with_one_line(
+    capsys, realscore_env, tiny_clip_dir, families, tmp_path, monkeypatch
+):
+    import itertools
+
+    from worker.model import loader
+    from shared.cli import EXIT_FAILURE
+
+    real_build = loader.build_model
+
+    def build_model(*args, **kwargs):  # serves two forward passes, then a sticky CUDA-style error
+        loaded = real_build(*args, **kwargs)
+        real_launch, calls = loaded.launch, itertools.count()
+
+        def launch(pixels, **options):
+            if next(calls) >= 2:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return real_launch(pixels, **options)
+
+        loaded.launch = launch
+        return loaded
+
+    monkeypatch.setattr(loader, "build_model", build_model)
+    real, ai = families
+    out = tmp_path / "head.safetensors"
+    code = main(["train", "--real", str(real), "--ai", str(ai), "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILURE
+    assert "Traceback" not in err and not out.exists()
+    assert err.strip().splitlines()[-1].startswith("realscore train: the model stopped working (")
+
+
 def test_too_few_images_is_a_usage_error(capsys, realscore_env, tmp_path):
     real, ai = write_families(tmp_path / "few", 2)
     code = main(

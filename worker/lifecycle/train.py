@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.cli import EXIT_OK, UsageError
+from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from shared.settings import Settings, get_settings
 from worker.lifecycle.evaluation import compute_metrics, format_table, other
 from worker.lifecycle.features import FeatureCache, decode_features, default_cache_dir, tower_key
@@ -38,6 +39,7 @@ from worker.lifecycle.folders import LabelledFile, labelled_files
 from worker.model.headfile import head_metadata, utc_now, write_weights
 from worker.model.loader import model_id
 from worker.model.weights import file_sha256, tensors_sha256
+from worker.serving.batcher import ModelBroken
 
 TRAIN_BATCH = 256
 
@@ -303,7 +305,12 @@ def run(args: argparse.Namespace) -> int:
             extract = lambda paths: _queue_extract(paths, args.timeout)  # noqa: E731
         else:
             extract = lambda paths: _LocalExtractor(settings, tower_name, args.batch_size)(paths)  # noqa: E731
-        usable, features, errors = gather_features(files, tower_key(tower_name), cache, extract)
+        try:
+            usable, features, errors = gather_features(files, tower_key(tower_name), cache, extract)
+        except ModelBroken as error:  # a sticky device error mid-extraction: one line, not a traceback
+            print(f"realscore train: the model stopped working ({error}); no head was written",
+                  file=sys.stderr)
+            return EXIT_FAILURE
     if errors:
         detail = ", ".join(f"{code} {count}" for code, count in sorted(errors.items()))
         print(f"left out, could not be read or embedded: {sum(errors.values())} ({detail})")
