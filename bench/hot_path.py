@@ -8,7 +8,9 @@ beside this one, and times both in one process, interleaved, best of several run
   Pillow's ``Image.open`` + ``getexif`` before, ``jpeghead.read_header`` where it exists;
 - the pixel budget's hold + acquire/release;
 - the batcher thread's CPU time per item (``pthread_getcpuclockid``), with a forward step that
-  does nothing, fed by ``--threads`` threads that submit and wait, as task threads do.
+  does nothing, fed by ``--threads`` threads that submit and wait, as task threads do;
+- ``ScoringService.map``'s ordered map of a no-op over ``--threads`` threads (process CPU per
+  item): ``worker/serving/lanepool.py`` where the checkout has it, else ``ThreadPoolExecutor.map``.
 
 Prints a markdown table, asserts nothing.
 
@@ -74,6 +76,26 @@ def _batcher_us_per_item(module: ModuleType, threads: int, items: int) -> float:
     return spent / (per_thread * threads) * 1e6
 
 
+def _map_us_per_item(module: ModuleType | None, threads: int, items: int) -> float:
+    """Process CPU µs per item of an ordered map of a no-op, ``items`` at a time, 5 maps."""
+    if module is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(threads)
+        run, stop = pool.map, pool.shutdown
+    else:
+        pool = module.LanePool(threads, "bench")
+        run, stop = pool.imap, pool.shutdown
+    work = list(range(items))
+    list(run(lambda x: x, work))  # threads started
+    started = time.process_time()
+    for _ in range(5):
+        list(run(lambda x: x, work))
+    spent = time.process_time() - started
+    stop()
+    return spent / (5 * items) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, required=True, help="the other checkout's root")
@@ -92,6 +114,11 @@ def main() -> None:
         tag: _load(f"{tag}_jpeghead", tree / "worker/model/jpeghead.py")
         for tag, tree in trees.items()
         if (tree / "worker/model/jpeghead.py").exists()
+    }
+    pools = {
+        tag: _load(f"{tag}_lanepool", tree / "worker/serving/lanepool.py")
+        if (tree / "worker/serving/lanepool.py").exists() else None
+        for tag, tree in trees.items()
     }
     path = str(args.file.resolve())
     data = args.file.read_bytes()
@@ -154,6 +181,9 @@ def main() -> None:
             rows.setdefault(f"batcher thread CPU per item, {args.threads} submitters, no-op forward", {}) \
                 .setdefault(tag, []).append(
                     min(_batcher_us_per_item(batchers[tag], args.threads, args.items) for _ in range(3)))
+            rows.setdefault(f"ordered map of a no-op, {args.threads} threads, 512 items a map "
+                            "(process CPU)", {}).setdefault(tag, []).append(
+                    min(_map_us_per_item(pools[tag], args.threads, 512) for _ in range(3)))
     print("| operation | before µs | after µs | after/before |\n| --- | ---: | ---: | ---: |")
     for name, by_tag in rows.items():
         before, after = min(by_tag["before"]), min(by_tag["after"])

@@ -19,6 +19,9 @@ Prints a markdown table of medians over ``--rounds`` with the after/before ratio
 
     git worktree add --detach /tmp/before main
     python bench/service_overhead.py --before /tmp/before --images 512 --rounds 5
+
+``--before`` may be given several times (e.g. two older commits): every checkout runs once per
+round, in the order given and then this one, and each ratio is against the first.
 """
 
 from __future__ import annotations
@@ -104,7 +107,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="fetch threads (default TASK_CONCURRENCY)")
     parser.add_argument("--data", type=Path, default=None, help="reuse a built tower and images here")
-    parser.add_argument("--before", type=Path, default=None, help="another checkout to compare")
+    parser.add_argument(
+        "--before", type=Path, action="append", default=[],
+        help="another checkout to compare (repeat for several; ratios are against the first)",
+    )
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,9 +120,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="realscore-overhead-") as tmp:
         root = (args.data or Path(tmp)).resolve()
         _prepare_data(root, args)
-        trees = {"after": ROOT}
-        if args.before is not None:
-            trees = {"before": args.before.resolve(), "after": ROOT}
+        trees = {tree.name if len(args.before) > 1 else "before": tree.resolve()
+                 for tree in args.before}
+        trees["after"] = ROOT
         runs: dict[str, list[dict[str, float]]] = {tag: [] for tag in trees}
         for _ in range(args.rounds):
             for tag, tree in trees.items():
@@ -155,12 +161,13 @@ def _print_table(runs: dict[str, list[dict[str, float]]], args: argparse.Namespa
     print(f"{args.images} JPEGs {args.size}, decode={args.decode}, batch {args.batch}, "
           f"{args.threads or 'TASK_CONCURRENCY'} threads; median of {args.rounds} child processes "
           f"per checkout, each the best of {args.passes} passes\n")
-    print("| per image | " + " | ".join(tags) + (" | after/before |" if len(tags) == 2 else " |"))
-    print("| --- | " + " | ".join("---:" for _ in tags) + (" | ---: |" if len(tags) == 2 else " |"))
+    ratios = [f"{tag}/{tags[0]}" for tag in tags[1:]]
+    print("| per image | " + " | ".join([*tags, *ratios]) + " |")
+    print("| --- | " + " | ".join("---:" for _ in [*tags, *ratios]) + " |")
     for name, label in METRICS.items():
         medians = [statistics.median(run[name] for run in runs[tag]) for tag in tags]
         cells = [f"{m:.1f}" if name == "images_per_s" else f"{m:.3f}" for m in medians]
-        ratio = [f"{medians[1] / medians[0]:.2f}"] if len(tags) == 2 else []
+        ratio = [f"{m / medians[0]:.2f}" for m in medians[1:]]
         print("| " + " | ".join([label, *cells, *ratio]) + " |")
     for tag in tags:
         shown = ", ".join(f"{run['other_cpu_ms']:.3f}" for run in runs[tag])

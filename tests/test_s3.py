@@ -254,7 +254,7 @@ def test_scoring_service_pools_a_connection_per_fetching_thread(loaded_model, s3
         pool = service.sources.s3.meta.config.max_pool_connections
         # Celery's task threads (`score`) and the service's fetch pools (`score_many`, one per
         # lane) fetch at once.
-        fetch_threads = settings.task_concurrency + sum(p._max_workers for p in service._pools.values())
+        fetch_threads = settings.task_concurrency + sum(p.max_threads for p in service._pools.values())
         assert pool >= fetch_threads
     finally:
         service.stop()

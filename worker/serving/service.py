@@ -15,7 +15,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from worker.serving import metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
 from worker.serving.budget import Held, SharedBudget
 from worker.serving.cache import ScoreCache
+from worker.serving.lanepool import LanePool
 from worker.lifecycle.features import encode_features
 from worker.model.loader import Launched, LoadedModel
 from worker.model.modes import Collated, Staged, make_mode
@@ -129,10 +129,7 @@ class ScoringService:
         )
         # One fetch pool per lane: a backfill's prefetched chunks must not queue ahead of an
         # interactive score_many before its images even reach the (two-lane) batcher.
-        self._pools = {
-            lane: ThreadPoolExecutor(threads, thread_name_prefix=f"realscore-{lane.name.lower()}")
-            for lane in Lane
-        }
+        self._pools = {lane: LanePool(threads, f"realscore-{lane.name.lower()}") for lane in Lane}
         self.cache = cache if cache is not None else self._cache_from_settings()
         # Our own header check is the pixel limit; Pillow's global one must not refuse first.
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_image_pixels)
@@ -175,7 +172,7 @@ class ScoringService:
         counted from when it is seen broken: also when the watchdog declares it so only while
         we wait. Returns whether the batcher thread has ended."""
         for pool in self._pools.values():
-            pool.shutdown(wait=True)
+            pool.shutdown()
         # Joined in slices: the watchdog may find the forward hung (and the batcher broken)
         # only after shutdown began; from then on the wait is bounded by ``broken_timeout``.
         give_up_at: float | None = None
@@ -371,7 +368,7 @@ class ScoringService:
     ) -> Iterator[T]:
         """:meth:`map`, each result yielded as soon as it and those before it are done; the first
         exception is raised in its place (the items not yet started are then cancelled)."""
-        return self._pools[lane].map(function, items)
+        return self._pools[lane].imap(function, items)
 
 
 def compile_sizes(max_batch_size: int) -> list[int]:
