@@ -85,3 +85,27 @@ def test_shutdown_runs_the_queued_work_then_refuses_more() -> None:
     assert not any(thread.is_alive() for thread in pool._threads)
     with pytest.raises(RuntimeError):
         pool.imap(done.append, [1])
+
+
+def test_imap_does_not_keep_the_results_it_has_yielded() -> None:
+    """``realscore score`` streams imap's results over a whole folder: one already written must
+    not stay referenced until the last image is done (``Executor.map`` dropped each future)."""
+    import gc
+    import weakref
+
+    class Row:
+        def __init__(self, x: object) -> None:
+            self.x = x
+
+    pool = LanePool(2, "test-streamed")
+    try:
+        results = pool.imap(Row, list(range(3)))
+        first = next(results)
+        gone = weakref.ref(first)
+        del first
+        assert next(results).x == 1
+        gc.collect()
+        assert gone() is None, "a yielded result is still referenced by the pool's iterator"
+        assert [row.x for row in results] == [2]
+    finally:
+        pool.shutdown()

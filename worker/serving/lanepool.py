@@ -64,8 +64,12 @@ class LanePool:
 
     @staticmethod
     def _results(queued: list[_Item[T]]) -> Iterator[T]:
+        # Taken off the list as they are yielded (as Executor.map pops its futures): a streaming
+        # consumer (``realscore score`` over a folder) must not keep every written result.
+        queued.reverse()
         try:
-            for item in queued:
+            while queued:
+                item = queued.pop()
                 item.done.acquire()
                 if item.error is not None:
                     error, item.error = item.error, None  # no cycle through the traceback
