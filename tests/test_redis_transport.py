@@ -107,3 +107,45 @@ def test_install_points_redis_urls_at_this_transport(monkeypatch: pytest.MonkeyP
     assert kombu.transport.get_transport_cls("redis") is redis_transport.Transport
     assert kombu.transport.get_transport_cls("rediss") is redis_transport.Transport
     assert kombu.transport.get_transport_cls("sentinel") is redis_transport.SentinelTransport
+
+
+def test_a_put_back_that_loses_the_connection_names_the_lost_message(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis refuses to record the popped message, then goes away before it can be put back:
+    the message exists only in this process. It is logged (body and all) as lost, and the
+    connection error still reaches kombu (Celery's consumer then reconnects)."""
+    import logging
+
+    from kombu.transport import redis as kombu_redis
+
+    from tests.worker_helpers import RedisServer
+
+    server = RedisServer().start()
+    refuse = kombu_redis.QoS.append
+
+    def refused_then_redis_dies(self: object, message: object, delivery_tag: str) -> None:
+        try:
+            refuse(self, message, delivery_tag)  # the real refusal of a full Redis
+        finally:
+            server.stop()  # gone before put_back runs
+
+    try:
+        with connect(server.url) as connection:
+            store = redis.Redis.from_url(server.url)
+            store.config_set("maxmemory-policy", "noeviction")
+            producer = connection.Producer(serializer="raw")
+            producer.publish("stranded", exchange=QUEUE.exchange, routing_key="work", declare=[QUEUE])
+            consumer = connection.Consumer(QUEUE, callbacks=[lambda body, message: message.ack()], accept=None)
+            consumer.consume()
+            fill(store)
+            store.close()
+            monkeypatch.setattr(kombu_redis.QoS, "append", refused_then_redis_dies)
+            with caplog.at_level(logging.CRITICAL, logger=redis_transport.__name__):
+                with pytest.raises(connection.connection_errors):
+                    connection.drain_events(timeout=10)
+    finally:
+        server.stop()
+    lost = [record.getMessage() for record in caplog.records if record.levelno == logging.CRITICAL]
+    assert len(lost) == 1 and "lost" in lost[0]
+    assert base64.b64encode(b"stranded").decode() in lost[0]  # the body, to replay it by hand

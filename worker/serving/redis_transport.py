@@ -13,7 +13,8 @@ even when full: it only takes back the memory the pop freed. Celery never sees t
 this channel takes no message for :data:`PAUSE` seconds (its QoS says it cannot consume, which
 kombu's poller asks before each ``BRPOP``), then tries again: while Redis stays full, each worker
 pops and puts back one message a second and takes no work. A message whose recording succeeds is
-handled exactly as kombu does. Two of kombu's once-a-second chores that a full Redis refuses (the
+handled exactly as kombu does. A message that cannot be put back (Redis refuses even that, or
+the connection fails first) is logged at CRITICAL with its body: it exists nowhere else. Two of kombu's once-a-second chores that a full Redis refuses (the
 sweep for messages to redeliver, the refresh of binding expiries) log a debug line instead of a
 traceback each time; kombu retries both.
 
@@ -88,18 +89,27 @@ def put_back(channel: Any, payload: dict, queue: str, error: redis.RedisError) -
     key = channel._q_for_pri(queue, channel._get_message_priority(payload, reverse=False))
     body = dumps(payload)
     tag = payload.get("properties", {}).get("delivery_tag")
-    with channel.conn_or_acquire() as client:
-        try:
-            client.register_script(PUT_BACK)(keys=[key], args=[body], client=client)
-        except redis.ResponseError as refused:  # Redis 6 knows no script flags; scripts not allowed
+    try:
+        with channel.conn_or_acquire() as client:
             try:
-                client.rpush(key, body)  # passes if the pop brought Redis under its limit
-            except redis.ResponseError:
-                log.critical(
-                    "Redis is full (%r) and refused to take back message %s (%r): it is lost: %s",
-                    error, tag, refused, body,
-                )
-                return
+                client.register_script(PUT_BACK)(keys=[key], args=[body], client=client)
+            except redis.ResponseError as refused:  # Redis 6 knows no script flags; scripts not allowed
+                try:
+                    client.rpush(key, body)  # passes if the pop brought Redis under its limit
+                except redis.ResponseError:
+                    log.critical(
+                        "Redis is full (%r) and refused to take back message %s (%r): it is lost: %s",
+                        error, tag, refused, body,
+                    )
+                    return
+    except channel.connection_errors as gone:
+        # The message is now only in this process: say so (with what it takes to replay it),
+        # then let kombu see the connection error as usual (Celery's consumer reconnects).
+        log.critical(
+            "Redis is full (%r) and the connection to take back message %s failed (%r): it is "
+            "lost: %s", error, tag, gone, body,
+        )
+        raise
     metrics.BROKER_FULL_PUT_BACKS.inc()
     if qos.refusing:
         log.debug("Redis is still full: message %s went back to its queue %s", tag, queue)
