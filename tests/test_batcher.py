@@ -345,3 +345,29 @@ def test_outcomes_time_out_cancel_and_resolve_once() -> None:
         release.set()
         batcher.stop(10)
     assert [batch for batch in forward.batches] == [["first"], ["second"]]  # "third" never ran
+
+
+def test_an_outcome_waited_for_with_a_deadline_already_past_times_out_at_once() -> None:
+    """``Future.result`` takes a timeout of 0 or less (a deadline computed as ``end - now``) as
+    "do not wait"; a lock's ``acquire(timeout=-1)`` would wait for ever instead."""
+    from worker.serving.batcher import Outcome
+
+    outcome: Outcome[str] = Outcome()
+    raised: list[BaseException] = []
+
+    def wait(timeout: float) -> None:
+        try:
+            outcome.result(timeout=timeout)
+        except BaseException as error:  # noqa: BLE001 - what the caller would see
+            raised.append(error)
+
+    try:
+        for timeout in (-1, -0.5, 0):
+            waiter = threading.Thread(target=wait, args=(timeout,), daemon=True)
+            waiter.start()
+            waiter.join(5)
+            assert not waiter.is_alive(), f"result(timeout={timeout}) did not return"
+        assert [type(error) for error in raised] == [TimeoutError] * 3
+    finally:
+        outcome.set_result("late")  # frees a waiter that hung
+    assert outcome.result(timeout=-1) == "late"  # resolved: no wait at all

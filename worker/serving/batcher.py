@@ -95,7 +95,8 @@ class Outcome(Generic[Output]):
     def result(self, timeout: float | None = None) -> Output:
         """The output, or the item's exception; ``TimeoutError`` after ``timeout`` seconds."""
         if self._state < _DONE:
-            if not self._ready.acquire(timeout=-1 if timeout is None else timeout):
+            # As Future.result: a timeout of 0 or less does not wait (for acquire, -1 is for ever).
+            if not self._ready.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
                 raise TimeoutError(f"no output within {timeout} s")
             self._ready.release()  # for any other waiter
         if self._state == _CANCELLED:
