@@ -109,3 +109,26 @@ def test_imap_does_not_keep_the_results_it_has_yielded() -> None:
         assert [row.x for row in results] == [2]
     finally:
         pool.shutdown()
+
+
+def test_more_concurrent_maps_than_threads_all_finish_in_order() -> None:
+    """Celery's task threads each map a chunk onto a lane's few threads: the items of all of them
+    share one FIFO, so every chunk finishes (none waits on another's items) and each keeps its
+    own order."""
+    pool = LanePool(2, "test-crowded")
+    outcomes: dict[int, list[object]] = {}
+
+    def chunk(index: int) -> None:
+        outcomes[index] = list(pool.imap(lambda x: (index, x), list(range(40))))
+
+    callers = [threading.Thread(target=chunk, args=(index,)) for index in range(16)]
+    try:
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(30)
+        assert not any(caller.is_alive() for caller in callers)
+        assert outcomes == {index: [(index, x) for x in range(40)] for index in range(16)}
+        assert len(pool._threads) == 2
+    finally:
+        pool.shutdown()

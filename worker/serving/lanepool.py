@@ -52,7 +52,10 @@ class LanePool:
         self._shut = False
 
     def imap(self, function: Callable[[object], T], items: Sequence[object]) -> Iterator[T]:
-        """``function`` over ``items``, all queued now; the results (lazily) in input order."""
+        """``function`` over ``items``, all queued now; the results (lazily) in input order.
+
+        Not from a function running on this pool (as with ``Executor.map``): once every thread
+        waits on a nested map's items, queued behind, none is left to run them."""
         queued = [_Item(function, argument) for argument in items]
         with self._lock:
             if self._shut:
