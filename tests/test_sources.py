@@ -17,6 +17,7 @@ from worker.serving.sources import LocalRef, S3Ref, Sources, parse_uri
         ("/data/a.jpg", LocalRef("/data/a.jpg")),
         ("file:///data/a%20b.jpg", LocalRef("/data/a b.jpg")),
         ("file://localhost/data/a.jpg", LocalRef("/data/a.jpg")),
+        ("/data/\udcff.jpg", LocalRef("/data/\udcff.jpg")),  # os.fsdecode of a non-UTF-8 name
         ("s3://bucket/key/with/slashes.jpg", S3Ref("bucket", "key/with/slashes.jpg")),
     ],
 )
@@ -35,6 +36,11 @@ def test_valid_uris(uri: str, parsed: object) -> None:
         ("s3://bucket/", ErrorCode.BAD_URI),
         ("file://otherhost/etc/passwd", ErrorCode.BAD_URI),
         ("/data/a\x00.jpg", ErrorCode.BAD_URI),
+        # os.open raises ValueError, not OSError, on these: they were `internal`
+        ("file:///data/a%00.jpg", ErrorCode.BAD_URI),
+        ("/data/\ud800.jpg", ErrorCode.BAD_URI),
+        ("file:///data/\ud800.jpg", ErrorCode.BAD_URI),
+        ("s3://bucket/key\ud800.jpg", ErrorCode.BAD_URI),  # botocore's encode raised
         ("http://169.254.169.254/latest/meta-data", ErrorCode.UNSUPPORTED_SCHEME),
         ("https://example.com/a.jpg", ErrorCode.UNSUPPORTED_SCHEME),
         ("gs://bucket/key", ErrorCode.UNSUPPORTED_SCHEME),

@@ -68,13 +68,13 @@ def parse_uri(uri: object) -> LocalRef | S3Ref:
     if "\x00" in uri:
         raise ScoringError(ErrorCode.BAD_URI, "URI contains a NUL byte")
     if uri.startswith("/"):
-        return LocalRef(uri)
+        return _local_ref(uri)
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ScoringError(ErrorCode.BAD_URI, f"file URIs need an absolute path: {uri}")
-        return LocalRef(unquote(parts.path))
+        return _local_ref(unquote(parts.path))
     if scheme == "s3":
         key = uri[len("s3://") + len(parts.netloc) + 1 :] if uri[:5].lower() == "s3://" else ""
         if not parts.netloc or not key:
@@ -89,12 +89,32 @@ def parse_uri(uri: object) -> LocalRef | S3Ref:
                 f"{_shown(parts.netloc)!r} is not a plain S3 bucket name (ARNs, access points, "
                 "aliases and directory buckets are refused)",
             )
+        try:
+            key.encode("utf-8")  # botocore's own encode would escape as `internal`
+        except UnicodeEncodeError:
+            raise ScoringError(
+                ErrorCode.BAD_URI, f"s3:// key is not valid Unicode: {_shown(ascii(key))}"
+            ) from None
         return S3Ref(parts.netloc, key)
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive, i.e. a relative path
         raise ScoringError(
             ErrorCode.UNSUPPORTED_SCHEME, f"scheme {scheme!r} is not served (file, s3)"
         )
     raise ScoringError(ErrorCode.BAD_URI, f"expected an absolute path, file:// or s3:// URI: {uri}")
+
+
+def _local_ref(path: str) -> LocalRef:
+    """A local path the OS can be handed: ``os.open`` raises ``ValueError`` (not ``OSError``) on
+    a NUL (``file:///a%00b`` decodes to one) or a lone surrogate (JSON's ``"\\ud800"``)."""
+    if "\x00" in path:
+        raise ScoringError(ErrorCode.BAD_URI, "URI contains a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ScoringError(
+            ErrorCode.BAD_URI, f"path is not encodable as a file name: {_shown(ascii(path))}"
+        ) from None
+    return LocalRef(path)
 
 
 class _Readable(Protocol):
