@@ -416,3 +416,71 @@ def test_s3_endpoint_that_never_answers_is_a_fetch_timeout(monkeypatch: pytest.M
     assert caught.value.code == ErrorCode.FETCH_TIMEOUT
     assert accepted  # it really reached the silent server
     assert time.monotonic() - started < 1.2 + 1.0  # the deadline plus at most one socket timeout
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_the_checked_descriptor_is_what_is_read_not_the_name_again(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is reopened through /proc/self/fd/N of the checked O_PATH descriptor: a name
+    swapped for a link out of the roots after the check still reads the checked file."""
+    import worker.serving.sources as sources_module
+
+    root, outside = tree["root"], tree["outside"]
+    (root / "photo.bin").write_bytes(b"checked")
+    opened_path = sources_module._opened_path
+
+    def check_then_swap(fd: int) -> str | None:
+        answer = opened_path(fd)
+        (root / "photo.bin").unlink()
+        (root / "photo.bin").symlink_to(outside / "secret.bin")
+        return answer
+
+    monkeypatch.setattr(sources_module, "_opened_path", check_then_swap)
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    assert sources.fetch(str(root / "photo.bin")) == b"checked"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-fd", "no-proc"])
+def test_no_descriptor_is_left_open_on_any_outcome(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch, proc: bool
+) -> None:
+    import socket
+
+    import worker.serving.sources as sources_module
+
+    root = tree["root"]
+    os.mkfifo(root / "fifo")
+    (root / "big.bin").write_bytes(b"b" * 2000)
+    (root / "loop").symlink_to(root / "loop")
+    (root / "to-dev").symlink_to("/dev/zero")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "sock"))
+    if not proc:
+        monkeypatch.setattr(sources_module, "_opened_path", lambda fd: None)
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    names = ["ok.bin", "big.bin", "fifo", "sock", "sub", "escape", "loop", "to-dev", "missing",
+             "ok.bin/child", "../outside/secret.bin", "inside-link"]
+    rounds = 20
+
+    def outcomes() -> list[object]:
+        seen: list[object] = []
+        for name in names:
+            try:
+                seen.append(len(sources.fetch(f"{root}/{name}")))
+            except ScoringError as error:
+                seen.append(error.code)
+        return seen
+
+    first = outcomes()  # helper threads started, modules imported
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(rounds):
+        assert outcomes() == first
+    # one descriptor left per fetch would be rounds * len(names); allow a stray few
+    assert len(os.listdir("/proc/self/fd")) - before < rounds
+    listener.close()
+    assert first == [100, ErrorCode.TOO_LARGE, ErrorCode.NOT_FOUND, ErrorCode.NOT_FOUND,
+                     ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN_PATH, ErrorCode.NOT_FOUND,
+                     ErrorCode.FORBIDDEN_PATH, ErrorCode.NOT_FOUND, ErrorCode.NOT_FOUND,
+                     ErrorCode.FORBIDDEN_PATH, 100]
