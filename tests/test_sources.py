@@ -484,3 +484,38 @@ def test_no_descriptor_is_left_open_on_any_outcome(
                      ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN_PATH, ErrorCode.NOT_FOUND,
                      ErrorCode.FORBIDDEN_PATH, ErrorCode.NOT_FOUND, ErrorCode.NOT_FOUND,
                      ErrorCode.FORBIDDEN_PATH, 100]
+
+
+@pytest.mark.parametrize("error", ["loop", "EACCES"])
+def test_a_path_outside_the_roots_is_forbidden_whatever_resolving_it_says(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """A missing file outside the roots was forbidden_path but a symlink loop there not_found,
+    and one under a directory we may not search access_denied: an oracle for what exists
+    outside the roots. Inside them, the resolve error still says what is wrong."""
+    import errno
+
+    root, outside = tree["root"], tree["outside"]
+    if error == "loop":
+        (outside / "loop").symlink_to(outside / "loop")
+        (root / "loop").symlink_to(root / "loop")
+    else:
+        resolve = Path.resolve
+
+        def denied(self: Path, strict: bool = False) -> Path:
+            if self.name == "loop":
+                raise OSError(errno.EACCES, "Permission denied", str(self))
+            return resolve(self, strict)
+
+        monkeypatch.setattr(Path, "resolve", denied)
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    assert _code(sources, str(outside / "loop")) == ErrorCode.FORBIDDEN_PATH
+    assert _code(sources, str(outside / "missing")) == ErrorCode.FORBIDDEN_PATH
+    (root / "via").symlink_to(outside)  # inside by name, outside once the link is followed
+    assert _code(sources, str(root / "via" / "loop")) == ErrorCode.FORBIDDEN_PATH
+    inside = ErrorCode.NOT_FOUND if error == "loop" else ErrorCode.ACCESS_DENIED
+    if error == "EACCES":  # only the name-based check resolves in Python
+        import worker.serving.sources as sources_module
+
+        monkeypatch.setattr(sources_module, "_O_PATH", 0)
+    assert _code(sources, str(root / "loop")) == inside

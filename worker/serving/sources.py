@@ -422,15 +422,27 @@ class Sources:
     # Local files -----------------------------------------------------------------------------
 
     def check_local_path(self, path: str) -> Path:
-        """The resolved path (symlinks and ``..`` gone), if the policy allows it."""
-        resolved = _resolve(path)
+        """The resolved path (symlinks and ``..`` gone), if the policy allows it.
+
+        A path outside the roots is ``forbidden_path`` even where resolving it fails (a symlink
+        loop, a directory we may not search): its own error would tell what lies out there."""
         if self.local_roots is None:
-            return resolved
+            return _resolve(path)
         if not self.local_roots:
             raise ScoringError(
                 ErrorCode.FORBIDDEN_PATH,
                 "local files are not served: REALSCORE_LOCAL_ROOTS is empty",
             )
+        try:
+            resolved = _resolve(path)
+        except ScoringError:
+            # realpath (non-strict) never raises: it follows what links it can, so a link out of
+            # the roots before the failing part counts too.
+            if self._inside_roots(Path(os.path.realpath(path))):
+                raise
+            raise ScoringError(
+                ErrorCode.FORBIDDEN_PATH, f"{_shown(path)} is outside REALSCORE_LOCAL_ROOTS"
+            ) from None
         if not self._inside_roots(resolved):
             raise ScoringError(
                 ErrorCode.FORBIDDEN_PATH,
