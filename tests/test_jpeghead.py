@@ -232,6 +232,32 @@ def test_tiff_types_are_pillows() -> None:
     assert jpeghead.TIFF_UNITS == {kind: size for kind, (size, _) in dispatch.items()}
 
 
+@pytest.mark.parametrize("kind", sorted(jpeghead.TIFF_UNITS))
+@pytest.mark.parametrize("count", [0, 1, 2, 3])
+@pytest.mark.parametrize("fill", [0, 5])
+def test_exif_resolution_of_any_type_is_read_as_pillow_reads_it(kind: int, count: int, fill: int) -> None:
+    """Pillow's open reads a dpi from XResolution as ``value[0] / value[1]`` when the JFIF
+    header gives none: for a 1-item BYTE, ASCII or UNDEFINED value that raises IndexError, and
+    Pillow refuses the whole file, which the reader had read as a plain JPEG."""
+    size = jpeghead.TIFF_UNITS[kind] * count
+    tail_at = 8 + 2 + 3 * 12 + 4
+    value = bytes((fill, 0, 0, 0)) if size <= 4 else struct.pack("<I", tail_at)
+    unit = (0x0128, 3, 1, struct.pack("<HH", 2, 0))
+    data = after_soi(
+        BASE, exif("II", [(0x011A, kind, count, value), unit, orientation_entry(6)], tail=bytes((fill,)) * 64)
+    )
+    fast = fast_view(data)
+    if fast is not None:
+        assert fast == pillow_view(data)
+
+
+def test_a_resolution_pillow_cannot_divide_is_left_to_it() -> None:
+    unit = (0x0128, 3, 1, struct.pack("<HH", 2, 0))
+    data = after_soi(BASE, exif("II", [(0x011A, 7, 1, b"\x05\x00\x00\x00"), unit]))
+    assert pillow_view(data) == ("error", ErrorCode.NOT_AN_IMAGE)
+    assert read_header(data) is None
+
+
 SEEDS = {**PLAIN, **{k: v for k, v in DECLINED.items() if v.startswith(b"\xff\xd8")}}
 
 

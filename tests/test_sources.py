@@ -17,6 +17,7 @@ from worker.serving.sources import LocalRef, S3Ref, Sources, parse_uri
         ("/data/a.jpg", LocalRef("/data/a.jpg")),
         ("file:///data/a%20b.jpg", LocalRef("/data/a b.jpg")),
         ("file://localhost/data/a.jpg", LocalRef("/data/a.jpg")),
+        ("/data/\udcff.jpg", LocalRef("/data/\udcff.jpg")),  # os.fsdecode of a non-UTF-8 name
         ("s3://bucket/key/with/slashes.jpg", S3Ref("bucket", "key/with/slashes.jpg")),
     ],
 )
@@ -35,6 +36,11 @@ def test_valid_uris(uri: str, parsed: object) -> None:
         ("s3://bucket/", ErrorCode.BAD_URI),
         ("file://otherhost/etc/passwd", ErrorCode.BAD_URI),
         ("/data/a\x00.jpg", ErrorCode.BAD_URI),
+        # os.open raises ValueError, not OSError, on these: they were `internal`
+        ("file:///data/a%00.jpg", ErrorCode.BAD_URI),
+        ("/data/\ud800.jpg", ErrorCode.BAD_URI),
+        ("file:///data/\ud800.jpg", ErrorCode.BAD_URI),
+        ("s3://bucket/key\ud800.jpg", ErrorCode.BAD_URI),  # botocore's encode raised
         ("http://169.254.169.254/latest/meta-data", ErrorCode.UNSUPPORTED_SCHEME),
         ("https://example.com/a.jpg", ErrorCode.UNSUPPORTED_SCHEME),
         ("gs://bucket/key", ErrorCode.UNSUPPORTED_SCHEME),
@@ -410,3 +416,106 @@ def test_s3_endpoint_that_never_answers_is_a_fetch_timeout(monkeypatch: pytest.M
     assert caught.value.code == ErrorCode.FETCH_TIMEOUT
     assert accepted  # it really reached the silent server
     assert time.monotonic() - started < 1.2 + 1.0  # the deadline plus at most one socket timeout
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_the_checked_descriptor_is_what_is_read_not_the_name_again(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is reopened through /proc/self/fd/N of the checked O_PATH descriptor: a name
+    swapped for a link out of the roots after the check still reads the checked file."""
+    import worker.serving.sources as sources_module
+
+    root, outside = tree["root"], tree["outside"]
+    (root / "photo.bin").write_bytes(b"checked")
+    opened_path = sources_module._opened_path
+
+    def check_then_swap(fd: int) -> str | None:
+        answer = opened_path(fd)
+        (root / "photo.bin").unlink()
+        (root / "photo.bin").symlink_to(outside / "secret.bin")
+        return answer
+
+    monkeypatch.setattr(sources_module, "_opened_path", check_then_swap)
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    assert sources.fetch(str(root / "photo.bin")) == b"checked"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-fd", "no-proc"])
+def test_no_descriptor_is_left_open_on_any_outcome(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch, proc: bool
+) -> None:
+    import socket
+
+    import worker.serving.sources as sources_module
+
+    root = tree["root"]
+    os.mkfifo(root / "fifo")
+    (root / "big.bin").write_bytes(b"b" * 2000)
+    (root / "loop").symlink_to(root / "loop")
+    (root / "to-dev").symlink_to("/dev/zero")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "sock"))
+    if not proc:
+        monkeypatch.setattr(sources_module, "_opened_path", lambda fd: None)
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    names = ["ok.bin", "big.bin", "fifo", "sock", "sub", "escape", "loop", "to-dev", "missing",
+             "ok.bin/child", "../outside/secret.bin", "inside-link"]
+    rounds = 20
+
+    def outcomes() -> list[object]:
+        seen: list[object] = []
+        for name in names:
+            try:
+                seen.append(len(sources.fetch(f"{root}/{name}")))
+            except ScoringError as error:
+                seen.append(error.code)
+        return seen
+
+    first = outcomes()  # helper threads started, modules imported
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(rounds):
+        assert outcomes() == first
+    # one descriptor left per fetch would be rounds * len(names); allow a stray few
+    assert len(os.listdir("/proc/self/fd")) - before < rounds
+    listener.close()
+    assert first == [100, ErrorCode.TOO_LARGE, ErrorCode.NOT_FOUND, ErrorCode.NOT_FOUND,
+                     ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN_PATH, ErrorCode.NOT_FOUND,
+                     ErrorCode.FORBIDDEN_PATH, ErrorCode.NOT_FOUND, ErrorCode.NOT_FOUND,
+                     ErrorCode.FORBIDDEN_PATH, 100]
+
+
+@pytest.mark.parametrize("error", ["loop", "EACCES"])
+def test_a_path_outside_the_roots_is_forbidden_whatever_resolving_it_says(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """A missing file outside the roots was forbidden_path but a symlink loop there not_found,
+    and one under a directory we may not search access_denied: an oracle for what exists
+    outside the roots. Inside them, the resolve error still says what is wrong."""
+    import errno
+
+    root, outside = tree["root"], tree["outside"]
+    if error == "loop":
+        (outside / "loop").symlink_to(outside / "loop")
+        (root / "loop").symlink_to(root / "loop")
+    else:
+        resolve = Path.resolve
+
+        def denied(self: Path, strict: bool = False) -> Path:
+            if self.name == "loop":
+                raise OSError(errno.EACCES, "Permission denied", str(self))
+            return resolve(self, strict)
+
+        monkeypatch.setattr(Path, "resolve", denied)
+    sources = Sources(local_roots=[root], max_bytes=1000, timeout=5)
+    assert _code(sources, str(outside / "loop")) == ErrorCode.FORBIDDEN_PATH
+    assert _code(sources, str(outside / "missing")) == ErrorCode.FORBIDDEN_PATH
+    (root / "via").symlink_to(outside)  # inside by name, outside once the link is followed
+    assert _code(sources, str(root / "via" / "loop")) == ErrorCode.FORBIDDEN_PATH
+    inside = ErrorCode.NOT_FOUND if error == "loop" else ErrorCode.ACCESS_DENIED
+    if error == "EACCES":  # only the name-based check resolves in Python
+        import worker.serving.sources as sources_module
+
+        monkeypatch.setattr(sources_module, "_O_PATH", 0)
+    assert _code(sources, str(root / "loop")) == inside

@@ -24,6 +24,11 @@ from dataclasses import dataclass
 _PLAIN_FRAMES = frozenset((0xC0, 0xC1, 0xC2))
 _DHT, _SOS, _DQT, _DRI, _COM = 0xC4, 0xDA, 0xDB, 0xDD, 0xFE
 _ORIENTATION = 0x0112
+# Pillow's JPEG open reads a dpi from Exif's XResolution as ``value[0] / value[1]``: a BYTE,
+# ASCII or UNDEFINED value (bytes or str) of under two items raises IndexError there, which
+# Image.open does not catch, so Pillow refuses the whole file.
+_X_RESOLUTION = 0x011A
+_BYTE_STRINGS = frozenset((1, 2, 7))
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"
 # Bytes per value of each TIFF field type Pillow reads (ImageFileDirectory_v2._load_dispatch);
 # Pillow skips an entry of any other type.
@@ -153,6 +158,8 @@ def _exif_orientation(tiff: bytes) -> int | None | bool:
             value = u16.unpack_from(tiff, entry + 8)[0]
             orientation = value if 1 <= value <= 8 else 1
             continue
+        if tag == _X_RESOLUTION and kind in _BYTE_STRINGS:
+            return False  # Pillow may refuse the file (see _X_RESOLUTION): its call
         unit = TIFF_UNITS.get(kind)
         if unit is None or unit * values <= 4:
             continue  # skipped by Pillow, or held in the entry itself

@@ -68,13 +68,13 @@ def parse_uri(uri: object) -> LocalRef | S3Ref:
     if "\x00" in uri:
         raise ScoringError(ErrorCode.BAD_URI, "URI contains a NUL byte")
     if uri.startswith("/"):
-        return LocalRef(uri)
+        return _local_ref(uri)
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ScoringError(ErrorCode.BAD_URI, f"file URIs need an absolute path: {uri}")
-        return LocalRef(unquote(parts.path))
+        return _local_ref(unquote(parts.path))
     if scheme == "s3":
         key = uri[len("s3://") + len(parts.netloc) + 1 :] if uri[:5].lower() == "s3://" else ""
         if not parts.netloc or not key:
@@ -89,12 +89,32 @@ def parse_uri(uri: object) -> LocalRef | S3Ref:
                 f"{_shown(parts.netloc)!r} is not a plain S3 bucket name (ARNs, access points, "
                 "aliases and directory buckets are refused)",
             )
+        try:
+            key.encode("utf-8")  # botocore's own encode would escape as `internal`
+        except UnicodeEncodeError:
+            raise ScoringError(
+                ErrorCode.BAD_URI, f"s3:// key is not valid Unicode: {_shown(ascii(key))}"
+            ) from None
         return S3Ref(parts.netloc, key)
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive, i.e. a relative path
         raise ScoringError(
             ErrorCode.UNSUPPORTED_SCHEME, f"scheme {scheme!r} is not served (file, s3)"
         )
     raise ScoringError(ErrorCode.BAD_URI, f"expected an absolute path, file:// or s3:// URI: {uri}")
+
+
+def _local_ref(path: str) -> LocalRef:
+    """A local path the OS can be handed: ``os.open`` raises ``ValueError`` (not ``OSError``) on
+    a NUL (``file:///a%00b`` decodes to one) or a lone surrogate (JSON's ``"\\ud800"``)."""
+    if "\x00" in path:
+        raise ScoringError(ErrorCode.BAD_URI, "URI contains a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ScoringError(
+            ErrorCode.BAD_URI, f"path is not encodable as a file name: {_shown(ascii(path))}"
+        ) from None
+    return LocalRef(path)
 
 
 class _Readable(Protocol):
@@ -402,15 +422,27 @@ class Sources:
     # Local files -----------------------------------------------------------------------------
 
     def check_local_path(self, path: str) -> Path:
-        """The resolved path (symlinks and ``..`` gone), if the policy allows it."""
-        resolved = _resolve(path)
+        """The resolved path (symlinks and ``..`` gone), if the policy allows it.
+
+        A path outside the roots is ``forbidden_path`` even where resolving it fails (a symlink
+        loop, a directory we may not search): its own error would tell what lies out there."""
         if self.local_roots is None:
-            return resolved
+            return _resolve(path)
         if not self.local_roots:
             raise ScoringError(
                 ErrorCode.FORBIDDEN_PATH,
                 "local files are not served: REALSCORE_LOCAL_ROOTS is empty",
             )
+        try:
+            resolved = _resolve(path)
+        except ScoringError:
+            # realpath (non-strict) never raises: it follows what links it can, so a link out of
+            # the roots before the failing part counts too.
+            if self._inside_roots(Path(os.path.realpath(path))):
+                raise
+            raise ScoringError(
+                ErrorCode.FORBIDDEN_PATH, f"{_shown(path)} is outside REALSCORE_LOCAL_ROOTS"
+            ) from None
         if not self._inside_roots(resolved):
             raise ScoringError(
                 ErrorCode.FORBIDDEN_PATH,
