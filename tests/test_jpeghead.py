@@ -315,3 +315,39 @@ def test_gpu_mode_stages_a_plain_jpeg_as_the_pillow_path_did(loaded_model) -> No
     with pytest.raises(ScoringError) as caught:
         mode.stage_bytes(PLAIN["huge"], MAX_PIXELS, hold)
     assert caught.value.code == ErrorCode.TOO_MANY_PIXELS
+
+
+_OVERLONG = {
+    "tiny COM segments": lambda head, rest: head + segment(0xFE, b"") * (jpeghead.MAX_SEGMENTS + 1) + rest,
+    "fill bytes": lambda head, rest: head + b"\xff" * (jpeghead.MAX_SKIPPED_BYTES + 2) + rest,
+    "junk bytes": lambda head, rest: head + b"\x00" * (jpeghead.MAX_SKIPPED_BYTES + 2) + rest,
+    "restart markers": lambda head, rest: head + b"\xff\xd0" * (jpeghead.MAX_SKIPPED_BYTES // 2 + 2) + rest,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OVERLONG))
+def test_an_overlong_jpeg_header_is_refused_before_pillow_parses_it(name: str, loaded_model) -> None:
+    from shared.settings import load_settings
+    from worker.model.modes import make_mode
+
+    data = jpeg()
+    head, rest = data[:2], data[2:]
+    crafted = _OVERLONG[name](head, rest)
+    assert jpeghead.overlong_header(crafted) is not None
+    assert jpeghead.read_header(crafted) is None
+    for mode in ("exact", "gpu"):
+        staging = make_mode(mode, loaded_model.preprocessing, loaded_model.device, loaded_model.dtype)
+        with pytest.raises(ScoringError) as refused:
+            staging.stage_bytes(crafted, load_settings().max_image_pixels, lambda n: nullcontext())
+        assert refused.value.code.value == "corrupt_image", (mode, refused.value)
+
+
+def test_headers_within_the_limits_are_not_overlong() -> None:
+    data = jpeg()
+    head, rest = data[:2], data[2:]
+    assert jpeghead.overlong_header(data) is None
+    near = head + segment(0xFE, b"x") * (jpeghead.MAX_SEGMENTS - 64) + b"\xff" * 1000 + rest
+    assert jpeghead.overlong_header(near) is None
+    assert pillow_view(near)[0] == "JPEG"
+    big_segments = head + segment(0xE1, b"y" * 65000) * 8 + rest  # large segments are not junk
+    assert jpeghead.overlong_header(big_segments) is None

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from shared.errors import ErrorCode, ScoringError
+from worker.model import jpeghead
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # JPEG covers MPO
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -23,6 +24,10 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Parse the header only; refuse non-images and images over ``max_pixels``."""
     if not data:
         raise ScoringError(ErrorCode.NOT_AN_IMAGE, "empty file")
+    if data.startswith(b"\xff\xd8"):
+        overlong = jpeghead.overlong_header(data)
+        if overlong:
+            raise ScoringError(ErrorCode.CORRUPT_IMAGE, f"unreadable image header: {overlong}")
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:

@@ -16,6 +16,7 @@ mutated files.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -36,6 +37,13 @@ TIFF_UNITS = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4
 _U16 = {b"II": struct.Struct("<H"), b"MM": struct.Struct(">H")}
 _U32 = {b"II": struct.Struct("<I"), b"MM": struct.Struct(">I")}
 _TIFF_MAGIC = {b"II": b"II*\x00", b"MM": b"MM\x00*"}
+# Limits of a header walk, far above any camera's or editor's JPEG (a few dozen segments, a few
+# fill bytes) and far below what makes Pillow's byte-by-byte header parse slow: a crafted 50 MB
+# file of tiny segments or fill bytes held a task thread (and the GIL) for 10-20 s.
+MAX_SEGMENTS = 4096
+MAX_SKIPPED_BYTES = 1 << 16
+_TO_MARKER = re.compile(rb"([^\xff]*)(\xff+)(.)", re.DOTALL)  # junk, fill bytes, the marker
+_STANDALONE = frozenset((0x00, 0x01, *range(0xD0, 0xD8)))  # stuffed 0, TEM, RSTn: no length
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +63,7 @@ def read_header(data: bytes) -> JpegHeader | None:
     frame: tuple[int, int, str] | None = None
     exif: tuple[int, int] | None = None
     xmp = False
-    while True:
+    for _ in range(MAX_SEGMENTS):
         if pos + 4 > end or data[pos] != 0xFF:
             return None  # truncated, or junk / fill bytes Pillow would skip its own way
         marker = data[pos + 1]
@@ -99,6 +107,8 @@ def read_header(data: bytes) -> JpegHeader | None:
         elif marker not in (_DHT, _DRI, _COM):
             return None  # anything else: other frame types, DNL, DAC, RSTn, JPGn, ...
         pos = stop
+    else:
+        return None  # over MAX_SEGMENTS: overlong_header refuses it
     if frame is None:
         return None
     found = None if exif is None else _exif_orientation(data[exif[0] : exif[1]])
@@ -106,6 +116,33 @@ def read_header(data: bytes) -> JpegHeader | None:
         return None
     width, height, mode = frame
     return JpegHeader(width, height, mode, 1 if found is None else found)
+
+
+def overlong_header(data: bytes) -> str | None:
+    """Why a JPEG's marker walk up to its scan is too long to parse (more than
+    :data:`MAX_SEGMENTS` segments or :data:`MAX_SKIPPED_BYTES` junk and fill bytes), or None.
+    Walks as Pillow does, but skips junk and fill with C-speed matching, so it is bounded too."""
+    pos, end, segments, skipped = 2, len(data), 0, 0
+    while pos < end:
+        found = _TO_MARKER.match(data, pos)
+        if found is None:
+            return None  # no marker left: truncated, Pillow's call
+        skipped += len(found[1]) + len(found[2]) - 1
+        if skipped > MAX_SKIPPED_BYTES:
+            return f"over {MAX_SKIPPED_BYTES} junk or fill bytes between JPEG header segments"
+        marker, pos = found[3][0], found.end()
+        if marker in _STANDALONE:  # meaningless before the scan: counted as skipped bytes
+            skipped += 2
+            if skipped > MAX_SKIPPED_BYTES:
+                return f"over {MAX_SKIPPED_BYTES} junk or fill bytes between JPEG header segments"
+            continue
+        if marker in (_SOS, 0xD9) or pos + 2 > end:
+            return None
+        segments += 1
+        if segments > MAX_SEGMENTS:
+            return f"over {MAX_SEGMENTS} JPEG header segments before the image data"
+        pos += (data[pos] << 8) | data[pos + 1]
+    return None
 
 
 def _frame(data: bytes, start: int, stop: int) -> tuple[int, int, str] | None:
