@@ -56,9 +56,20 @@ def _from_csv(cells: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _json_line(row: dict[str, Any]) -> str:
+    """One JSON line, UTF-8 as written; a URI from a file name that is not valid UTF-8 (lone
+    surrogates, as os.fsdecode gives it) is written with JSON escapes, which read back the same."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row)
+    return line + "\n"
+
+
 def encode_rows(rows: Sequence[dict[str, Any]], fmt: Format) -> str:
     if fmt == "jsonl":
-        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return "".join(_json_line(row) for row in rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerows(_csv_cells(row) for row in rows)
@@ -81,7 +92,9 @@ class OutputFile:
     def append(self, rows: Sequence[dict[str, Any]]) -> int:
         """Append and flush ``rows``; returns the file's new length."""
         if rows:
-            self._file.write(encode_rows(rows, self.fmt).encode("utf-8"))
+            # surrogateescape: a CSV cell keeps a non-UTF-8 file name's own bytes (JSON lines
+            # are escaped already).
+            self._file.write(encode_rows(rows, self.fmt).encode("utf-8", "surrogateescape"))
             self._file.flush()
             # On disk before the state commits: after a power loss the state must not be ahead.
             os.fsync(self._file.fileno())
@@ -93,7 +106,7 @@ class OutputFile:
 
 def read_rows(path: str, fmt: Format) -> Iterator[dict[str, Any]]:
     """The rows of an output file, as dicts equal to the result dicts that were written."""
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         if fmt == "jsonl":
             for line in handle:
                 if line.strip():

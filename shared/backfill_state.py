@@ -13,6 +13,20 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 
 
+# A file name that is not valid UTF-8 reaches Python as a str with lone surrogates
+# (os.fsdecode), which SQLite cannot store: such a URI is keyed by its bytes, in hex, behind a
+# prefix no listed URI starts with (they are absolute paths or s3:// URIs).
+_UNDECODABLE = "\ufffeundecodable:"
+
+
+def _key(uri: str) -> str:
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return _UNDECODABLE + uri.encode("utf-8", "surrogateescape").hex()
+    return uri
+
+
 class StateMismatch(Exception):
     """The state file belongs to another backfill (other source or format), or is missing."""
 
@@ -59,8 +73,10 @@ class BackfillState:
         """Which of ``uris`` (at most a few hundred) already have their row."""
         if not uris:
             return set()
-        marks = ",".join("?" * len(uris))
-        return {row[0] for row in self._db.execute(f"SELECT uri FROM done WHERE uri IN ({marks})", list(uris))}
+        keys = {_key(uri): uri for uri in uris}
+        marks = ",".join("?" * len(keys))
+        found = self._db.execute(f"SELECT uri FROM done WHERE uri IN ({marks})", list(keys))
+        return {keys[row[0]] for row in found}
 
     def done_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM done").fetchone()[0])
@@ -69,7 +85,7 @@ class BackfillState:
         """Mark ``(uri, code)`` done, uncommitted; return the URIs that were not done already."""
         fresh = []
         for uri, code in rows:
-            cursor = self._db.execute("INSERT OR IGNORE INTO done VALUES (?, ?)", (uri, code))
+            cursor = self._db.execute("INSERT OR IGNORE INTO done VALUES (?, ?)", (_key(uri), code))
             if cursor.rowcount:
                 fresh.append(uri)
         return fresh

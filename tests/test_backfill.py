@@ -272,3 +272,32 @@ def test_interactive_tasks_are_served_while_a_bulk_backlog_is_in_hand(
     # More bulk passes only if a loaded machine took longer than the module's short visibility
     # timeout over a chunk, which Redis then handed out again.
     assert served["I"] == 2 and served["B"] >= 3 * CHUNK
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_resumed(
+    realscore_env: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Legacy storage holds names in other encodings: os.fsdecode gives them lone surrogates,
+    which neither SQLite nor a UTF-8 file takes as they are. They are scored, written (JSON
+    escapes; a CSV cell keeps the name's bytes) and skipped by a rerun."""
+    from shared.cli import main
+
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    odd = os.fsdecode(os.fsencode(str(folder)) + b"/caf\xe9.png")  # Latin-1 "café"
+    Path(odd).write_bytes(_png(1, (40, 32)))
+    (folder / "plain.png").write_bytes(_png(2, (40, 32)))
+    for fmt in ("jsonl", "csv"):
+        out = tmp_path / f"rows.{fmt}"
+        command = ["backfill", str(folder), "--out", str(out), "--format", fmt, "--in-process"]
+        assert main(command) == 0, capsys.readouterr().err
+        rows = _rows(out, fmt)
+        assert sorted(row["uri"] for row in rows) == sorted([odd, str(folder / "plain.png")])
+        assert all(row["ok"] for row in rows), rows
+        if fmt == "jsonl":
+            out.read_bytes().decode("utf-8")  # still valid UTF-8: the odd name is escaped
+        else:
+            assert b"caf\xe9.png" in out.read_bytes()
+        capsys.readouterr()
+        assert main([*command[:-1], "--dry-run"]) == 0
+        assert "2 listed, 2 already done, 0 to score" in capsys.readouterr().err
