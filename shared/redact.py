@@ -11,10 +11,11 @@ cache's passwords): log lines through :class:`RedactingFilter`, results through
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
 MASK = "***"
@@ -45,10 +46,10 @@ def url_password(url: str) -> str | None:
     return unquote(password) if password else None
 
 
-def known_secrets(environ: dict[str, str] | None = None) -> list[str]:
+def known_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """The secret values this process holds, from its environment (where every setting comes
     from): AWS keys, the passwords in the broker, result backend and result cache URLs."""
-    environ = dict(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
     found = [environ[name] for name in _SECRET_ENV if environ.get(name)]
     for name in _URL_SETTINGS:
         password = url_password(environ.get(name, ""))
@@ -63,16 +64,31 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     text = _SIGNED_QUERY.sub(f"?{MASK}", text)
     text = _AWS_KEY_ID.sub(MASK, text)
     text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{MASK}", text)
-    for secret in sorted({s for s in secrets if len(s) >= _MIN_LITERAL}, key=len, reverse=True):
-        # Only where the value stands alone: a weak password such as RabbitMQ's "guest" must
-        # not turn /data/guestbook.png into /data/***book.png.
-        text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", MASK, text)
-    return text
+    literals = _literals(tuple(secrets))
+    return literals.sub(MASK, text) if literals else text
+
+
+@functools.lru_cache(maxsize=16)
+def _literals(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One pattern for the secrets (built once per set of them, not per line or result), longest
+    first, each only where it stands alone: a weak password such as RabbitMQ's "guest" must not
+    turn /data/guestbook.png into /data/***book.png."""
+    kept = sorted({s for s in secrets if len(s) >= _MIN_LITERAL}, key=len, reverse=True)
+    if not kept:
+        return None
+    return re.compile(rf"(?<![0-9A-Za-z])(?:{'|'.join(map(re.escape, kept))})(?![0-9A-Za-z])")
 
 
 def redact_known(text: str) -> str:
     """:func:`redact` with this process's :func:`known_secrets`, read now: what logs remove."""
-    return redact(text, known_secrets())
+    values = tuple(os.environ.get(name, "") for name in (*_SECRET_ENV, *_URL_SETTINGS))
+    return redact(text, _secrets_of(values))
+
+
+@functools.lru_cache(maxsize=16)
+def _secrets_of(values: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`known_secrets` of these settings' values, parsed once per set of values."""
+    return tuple(known_secrets(dict(zip((*_SECRET_ENV, *_URL_SETTINGS), values))))
 
 
 class RedactingFilter(logging.Filter):
@@ -80,7 +96,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        self.secrets = list(secrets)
+        self.secrets = tuple(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
