@@ -438,7 +438,7 @@ class Sources:
         except ScoringError:
             # realpath (non-strict) never raises: it follows what links it can, so a link out of
             # the roots before the failing part counts too.
-            if self._inside_roots(Path(os.path.realpath(path))):
+            if self._inside_roots(os.path.realpath(path)):
                 raise
             raise ScoringError(
                 ErrorCode.FORBIDDEN_PATH, f"{_shown(path)} is outside REALSCORE_LOCAL_ROOTS"
@@ -450,8 +450,9 @@ class Sources:
             )
         return resolved
 
-    def _inside_roots(self, path: Path) -> bool:
-        return any(path.is_relative_to(root) for root in self.local_roots or ())
+    def _inside_roots(self, path: Path | str) -> bool:
+        """Whether a canonical path is a root or below one (one string test, no Paths built)."""
+        return (str(path).rstrip("/") + "/").startswith(self._root_prefixes)
 
     def check_opened(self, fd: int, path: str) -> None:
         """Refuse an open file that is not inside the roots, whatever its name said before.
@@ -470,7 +471,7 @@ class Sources:
         )
         opened = _opened_path(fd)
         if opened is not None:
-            if not self._inside_roots(Path(opened)):
+            if not self._inside_roots(opened):
                 raise ScoringError(ErrorCode.FORBIDDEN_PATH, escaped)
             return
         again = _resolve(path)
@@ -518,7 +519,7 @@ class Sources:
             opened = _opened_path(fd)
             if opened is None:
                 return None
-            if not (opened + "/").startswith(self._root_prefixes):
+            if not self._inside_roots(opened):
                 raise ScoringError(
                     ErrorCode.FORBIDDEN_PATH, f"{ref.path} is outside REALSCORE_LOCAL_ROOTS"
                 )
