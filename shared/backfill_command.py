@@ -18,6 +18,7 @@ from shared.backfill_progress import Progress
 from shared.backfill_scorers import ChunkScorer, InProcessScorer, QueueScorer, ScorerBroken
 from shared.backfill_state import BackfillState, StateMismatch, state_path
 from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
+from shared.usage import model_stopped
 from shared.listing import ListingError, iter_source, parse_source
 from shared.settings import Settings, get_settings
 from shared.task_names import MAX_URIS_PER_TASK
@@ -157,7 +158,7 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         return EXIT_FAILURE
     except ScorerBroken as error:  # --in-process only: workers hand such chunks back themselves
         progress.close()
-        print(f"realscore backfill: the model stopped working ({error})", file=sys.stderr)
+        print(model_stopped("backfill", error), file=sys.stderr)
         return EXIT_FAILURE
     # BrokerUnavailable: what shared.client makes of an unreachable Redis when a chunk is sent.
     except (OperationalError, RedisError, BrokerUnavailable, RuntimeError) as error:

@@ -9,5 +9,11 @@ from __future__ import annotations
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+def model_stopped(command: str, error: BaseException, kept: str = "") -> str:
+    """The one line a command ends with when its in-process model breaks mid-run (a sticky device
+    error, a hung forward): what broke and what was kept (exit code 1 goes with it)."""
+    return f"realscore {command}: the model stopped working ({error})" + (f"; {kept}" if kept else "")
+
+
 class UsageError(Exception):
     """Bad arguments or configuration: printed as one line, exit code 2."""

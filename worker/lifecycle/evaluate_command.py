@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
+from shared.usage import model_stopped
 from shared.results import Result, ResultFactory
 from shared.settings import Settings, get_settings
 from worker.lifecycle.folders import LabelledFile, labelled_files
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
             _print_condition(condition, clean)
     except ModelBroken as error:  # in-process only: a sticky device error, a hung forward
         kept = ", ".join(c.name for c in conditions) or "none"
-        broken = f"realscore evaluate: the model stopped working ({error}); conditions finished: {kept}"
+        broken = model_stopped("evaluate", error, f"conditions finished: {kept}")
     finally:
         scorer.close()
     sys.stdout.flush()

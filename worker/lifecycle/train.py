@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
+from shared.usage import model_stopped
 from shared.settings import Settings, get_settings
 from worker.lifecycle.evaluation import compute_metrics, format_table, other
 from worker.lifecycle.features import FeatureCache, decode_features, default_cache_dir, tower_key
@@ -308,8 +309,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             usable, features, errors = gather_features(files, tower_key(tower_name), cache, extract)
         except ModelBroken as error:  # a sticky device error mid-extraction: one line, not a traceback
-            print(f"realscore train: the model stopped working ({error}); no head was written",
-                  file=sys.stderr)
+            print(model_stopped("train", error, "no head was written"), file=sys.stderr)
             return EXIT_FAILURE
     if errors:
         detail = ", ".join(f"{code} {count}" for code, count in sorted(errors.items()))

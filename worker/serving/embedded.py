@@ -18,7 +18,7 @@ import sys
 from shared.local_paths import absolute_uri
 from shared.model_files import head_weights_path
 from shared.settings import Settings, get_settings
-from shared.usage import EXIT_FAILURE, EXIT_OK, UsageError
+from shared.usage import EXIT_FAILURE, EXIT_OK, UsageError, model_stopped
 from worker.model.loader import ModelLoadError, load_model
 from worker.lifecycle.folders import list_images
 from worker.serving.batcher import ModelBroken
@@ -75,11 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 written += 1
     except ModelBroken as error:
         sys.stdout.flush()
-        print(
-            f"realscore score: the model stopped working ({error}); "
-            f"{written} of {len(inputs)} results were written",
-            file=sys.stderr,
-        )
+        print(model_stopped("score", error, f"{written} of {len(inputs)} results were written"), file=sys.stderr)
         return EXIT_FAILURE
     finally:
         try:
