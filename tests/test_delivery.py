@@ -116,3 +116,23 @@ def test_the_result_is_written_once_and_celery_does_not_write_it_back(task) -> N
     assert outcome.retval == [{"uri": "/a.png", "ok": True, "error": None}]
     assert writes == ["SUCCESS"]
     assert backend.get_task_meta("id-5", cache=False)["status"] == "PENDING"  # not written back
+
+
+def test_a_write_celery_already_gave_up_on_is_handed_back_at_once(task) -> None:
+    from celery.exceptions import BackendStoreError
+
+    class GivenUp(FlakyBackend):
+        calls = 0
+
+        def store_result(self, *args, **kwargs):
+            GivenUp.calls += 1
+            raise BackendStoreError("failed to store result on the backend", state="SUCCESS", task_id="id-4")
+
+    task.backend = GivenUp(failures=0)
+    with pytest.raises(Reject):
+        task.request_stack.push(SimpleNamespace(id="id-4", called_directly=False))
+        try:
+            task._store("id-4", [])
+        finally:
+            task.request_stack.pop()
+    assert GivenUp.calls == 1  # Celery's own backoff already ran: not five times over

@@ -163,8 +163,11 @@ class DeliveredTask(Task):
                 self.backend.store_result(task_id, rows, states.SUCCESS, request=self.request)
                 self.request.ignore_result = True
                 return
-            except (redis.RedisError, BackendStoreError) as error:  # the latter: Celery's retries gave up
-                if pause is None:
+            except (redis.RedisError, BackendStoreError) as error:
+                # A connection error was retried by Celery itself (result_backend_always_retry,
+                # minutes of backoff) before BackendStoreError: hand back at once. What Celery
+                # does not retry (a full Redis: OutOfMemoryError) is retried here.
+                if pause is None or isinstance(error, BackendStoreError):
                     log.error("task %s: result not stored (%r); the message goes back", task_id, error)
                     raise Reject(f"result not stored: {error!r}", requeue=True) from None
                 log.warning("task %s: result write failed (%r); retrying in %g s", task_id, error, pause)
