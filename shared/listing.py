@@ -11,8 +11,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+# The file names every command takes for images (backfill here; score, evaluate and train
+# through worker/lifecycle/folders.py): the formats decode.ALLOWED_FORMATS reads.
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".pjpeg", ".pjp",
+    ".avif",
 )
 
 

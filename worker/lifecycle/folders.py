@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.cli import UsageError
+from shared.listing import IMAGE_EXTENSIONS
 
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif"}
-)
+IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)  # one list for every command (shared/listing.py)
 
 
 @dataclass(frozen=True)
