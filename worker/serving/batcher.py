@@ -199,6 +199,8 @@ class DynamicBatcher(Generic[Item, Output]):
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
 
     def start(self) -> DynamicBatcher[Item, Output]:
+        # Read when metrics are scraped, not set under the lock on every submit and batch.
+        metrics.BATCHER_QUEUED.set_function(self._queued)
         self._thread.start()
         if self._forward_timeout_s:
             self._watchdog.start()
@@ -218,7 +220,6 @@ class DynamicBatcher(Generic[Item, Output]):
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
             self._lanes[lane].append(pending)
-            metrics.BATCHER_QUEUED.set(self._queued())
             self._cond.notify()
         return pending.future
 
@@ -272,7 +273,6 @@ class DynamicBatcher(Generic[Item, Output]):
         for lane in self._lanes:  # interactive first
             while lane and len(batch) < self.max_batch_size:
                 batch.append(lane.popleft())
-        metrics.BATCHER_QUEUED.set(self._queued())
         return batch
 
     def _run(self) -> None:
@@ -390,7 +390,6 @@ class DynamicBatcher(Generic[Item, Output]):
             held += [*self._lanes[0], *self._lanes[1]]
             self._lanes[0].clear()
             self._lanes[1].clear()
-            metrics.BATCHER_QUEUED.set(0)
             self._cond.notify_all()
         log.critical("the model is unusable (%s): %r", why, error)
         gone = ModelBroken(f"the model is broken ({why}): {error!r}")
