@@ -28,6 +28,8 @@ import redis
 from worker.serving import metrics
 
 log = logging.getLogger(__name__)
+# Label children looked up once: get() runs per image.
+_HIT, _MISS, _SKIPPED = (metrics.CACHE_LOOKUPS.labels(outcome) for outcome in ("hit", "miss", "skipped"))
 KEY_PREFIX = "realscore:score:v1:"
 SOCKET_TIMEOUT_S = 0.25
 BACKOFF_S = 5.0
@@ -105,7 +107,7 @@ class ScoreCache:
     def get(self, sha256: str) -> float | None:
         """The cached raw score of these bytes, or ``None`` (a miss, or the cache is failing)."""
         if self._skipping():
-            metrics.CACHE_LOOKUPS.labels("skipped").inc()
+            _SKIPPED.inc()
             return None
         try:
             value = self._client.get(self.key(sha256))
@@ -113,7 +115,7 @@ class ScoreCache:
         except (redis.RedisError, OSError, ValueError) as error:
             self._failed("get", error)  # counted there only, not as a lookup outcome too
             return None
-        metrics.CACHE_LOOKUPS.labels("miss" if score is None else "hit").inc()
+        (_MISS if score is None else _HIT).inc()
         return score
 
     def put(self, sha256: str, score: float) -> None:
