@@ -171,22 +171,25 @@ class _LocalExtractor:
     def __init__(self, settings: Settings, tower_name: str, batch_size: int | None) -> None:
         from transformers import CLIPVisionConfig
 
-        from worker.model.loader import ModelLoadError, build_model
-        from worker.serving.service import ScoringService
+        from worker.model.loader import LoadedModel, ModelLoadError, build_model
         from worker.model.weights import Checkpoint
+        from worker.serving.embedded import start_service
 
-        try:
-            hidden = CLIPVisionConfig.from_pretrained(tower_name).hidden_size
-            # Features do not depend on the head; a zero head lets the scoring path run as is.
-            blank = Checkpoint(
-                path=Path("(feature extraction)"),
-                head={"linear.weight": torch.zeros(1, hidden), "linear.bias": torch.zeros(1)},
-            )
-            loaded = build_model(tower_name, blank, device=settings.device, dtype=settings.dtype)
-        except (OSError, ValueError, ModelLoadError) as error:
-            raise UsageError(f"cannot load CLIP tower {tower_name!r}: {error}") from None
-        self.service = ScoringService(loaded, settings, local_roots=None, max_batch_size=batch_size)
-        self.service.start()
+        def load() -> LoadedModel:
+            try:
+                hidden = CLIPVisionConfig.from_pretrained(tower_name).hidden_size
+                # Features do not depend on the head; a zero head lets the scoring path run as is.
+                blank = Checkpoint(
+                    path=Path("(feature extraction)"),
+                    head={"linear.weight": torch.zeros(1, hidden), "linear.bias": torch.zeros(1)},
+                )
+                return build_model(tower_name, blank, device=settings.device, dtype=settings.dtype)
+            except (OSError, ValueError, ModelLoadError) as error:
+                raise UsageError(f"cannot load CLIP tower {tower_name!r}: {error}") from None
+
+        # The same start as score and evaluate: malloc trimming, a decode mode that cannot run
+        # as a usage error.
+        self.service = start_service(settings, batch_size, load=load)
 
     def __call__(self, paths: list[Path]) -> list[dict]:
         try:

@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from shared.local_paths import absolute_uri
 from shared.model_files import head_weights_path
 from shared.settings import Settings, get_settings
 from shared.usage import EXIT_FAILURE, EXIT_OK, UsageError, model_stopped
-from worker.model.loader import ModelLoadError, load_model
+from worker.model.loader import LoadedModel, ModelLoadError, load_model
 from worker.lifecycle.folders import list_images
 from worker.serving.batcher import ModelBroken
 from worker.model.modes import DecodeModeError
@@ -28,17 +29,26 @@ from worker.serving.progress import progress
 from worker.serving.service import ScoringService
 
 
-def start_service(settings: Settings, batch_size: int | None = None) -> ScoringService:
-    """The configured model in this process, trusting every path: what ``score`` and
-    ``evaluate`` run. A model that cannot load is a usage error (exit 2)."""
+def start_service(
+    settings: Settings,
+    batch_size: int | None = None,
+    *,
+    load: Callable[[], LoadedModel] | None = None,
+) -> ScoringService:
+    """The configured model (or what ``load`` builds: ``train``'s blank head) in this process,
+    trusting every path: what ``score``, ``evaluate`` and ``train`` run. A model that cannot
+    load is a usage error (exit 2)."""
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     limit_malloc_arenas()
     start_malloc_trimmer(settings.malloc_trim_interval)
     try:
-        loaded = load_model(
-            settings.model, head_weights_path(settings), device=settings.device, dtype=settings.dtype
-        )
+        if load is not None:
+            loaded = load()
+        else:
+            loaded = load_model(
+                settings.model, head_weights_path(settings), device=settings.device, dtype=settings.dtype
+            )
     except ModelLoadError as error:
         raise UsageError(str(error)) from None
     try:
