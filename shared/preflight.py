@@ -49,17 +49,22 @@ def submit(args: argparse.Namespace, settings: Settings) -> None:
     _positive("--timeout", args.timeout)
 
 
-def evaluate(args: argparse.Namespace, settings: Settings) -> None:
+def evaluate_arguments(args: argparse.Namespace) -> None:
+    """The options ``evaluate`` takes, checked together (``--perturb``'s grammar is its own)."""
     _batch_size(args)
     if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
         raise UsageError("--threshold must be in [-1, 1] (the score's range)")
     _positive("--timeout", args.timeout)
-    _folders(args)
     if args.perturb and args.via_queue and not args.work_dir:
         raise UsageError(
             "--perturb with --via-queue needs --work-dir: a folder the workers can read "
             "(inside their REALSCORE_LOCAL_ROOTS) for the degraded copies"
         )
+
+
+def evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    evaluate_arguments(args)
+    _folders(args)
     if not args.via_queue:
         local_model(settings)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from shared.usage import model_stopped
+from shared import preflight
 from shared.results import Result, ResultFactory
 from shared.settings import Settings, get_settings
 from worker.lifecycle.folders import LabelledFile, labelled_files
@@ -172,22 +173,11 @@ def _print_condition(condition: Condition, clean: Condition | None) -> None:
 
 
 def _validate(args: argparse.Namespace) -> list[Perturbation]:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
-        raise UsageError("--threshold must be in [-1, 1] (the score's range)")
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    preflight.evaluate_arguments(args)  # the same checks as before the model is imported
     try:
-        perturbations = parse(args.perturb) if args.perturb else []
+        return parse(args.perturb) if args.perturb else []
     except ValueError as error:
         raise UsageError(f"--perturb: {error}") from None
-    if perturbations and args.via_queue and not args.work_dir:
-        raise UsageError(
-            "--perturb with --via-queue needs --work-dir: a folder the workers can read "
-            "(inside their REALSCORE_LOCAL_ROOTS) for the degraded copies"
-        )
-    return perturbations
 
 
 def run(args: argparse.Namespace) -> int:
