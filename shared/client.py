@@ -18,6 +18,7 @@ and :class:`TaskFailed`.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -75,6 +76,17 @@ def _broker_unavailable(error: BaseException) -> BrokerUnavailable:
     return BrokerUnavailable(f"Redis (broker or result backend) is unreachable: {detail}")
 
 
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Redis unreachable, however redis-py, kombu or Celery says it: :class:`BrokerUnavailable`."""
+    try:
+        yield
+    except Exception as error:
+        if _unreachable(error):
+            raise _broker_unavailable(error) from None
+        raise
+
+
 def _release(handles: Sequence[AsyncResult]) -> None:
     """Stop listening for results nobody will collect, now rather than in ``AsyncResult.__del__``
     (which may run at interpreter exit, when Redis cannot be reached any more)."""
@@ -92,12 +104,8 @@ def chunks(items: Sequence[Any], size: int = MAX_URIS_PER_TASK) -> Iterator[list
 
 
 def _send(name: str, args: list[Any], queue: str, expires: float | None) -> AsyncResult:
-    try:
+    with _translated():
         return app.send_task(name, args=args, queue=queue, expires=expires)
-    except Exception as error:
-        if _unreachable(error):
-            raise _broker_unavailable(error) from None
-        raise
 
 
 def submit(uri: str, *, timeout: float | None = None, queue: str = INTERACTIVE_QUEUE) -> AsyncResult:
@@ -124,15 +132,12 @@ def submit_many(
 def _wait(handle: AsyncResult, timeout: float) -> Any:
     """``timeout``: what is left of the caller's deadline."""
     try:
-        value = handle.get(timeout=timeout)
+        with _translated():
+            value = handle.get(timeout=timeout)
     except CeleryTimeout:
         raise ScoreTimeout(f"no result for task {handle.id} in time ({timeout:.3g} s left)") from None
     except TaskRevokedError:  # its expiry (our timeout) passed before a worker took it
         raise ScoreTimeout(f"task {handle.id} expired before a worker took it") from None
-    except Exception as error:
-        if _unreachable(error):
-            raise _broker_unavailable(error) from None
-        raise
     try:
         handle.forget()  # the caller has it now; do not keep it in Redis until RESULT_EXPIRES
     except Exception as error:
@@ -198,13 +203,9 @@ def result(task_id: str) -> Result | list[Result] | None:
     it expired), :class:`BrokerUnavailable` when Redis cannot be reached.
     """
     handle = AsyncResult(task_id, app=app)
-    try:
+    with _translated():
         state = handle.state
         value = handle.result if state in ("SUCCESS", "FAILURE", "REVOKED") else None
-    except Exception as error:
-        if _unreachable(error):
-            raise _broker_unavailable(error) from None
-        raise
     if state in ("FAILURE", "REVOKED"):
         raise TaskFailed(f"task {task_id} ended {state}: {value!r}")
     return value
