@@ -4,10 +4,13 @@ what has not started, bounded threads, shutdown finishing the queued work."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 
 from tests.processes import wait_until
+from worker.serving import deadlines
 from worker.serving.lanepool import LanePool
 
 
@@ -61,7 +64,7 @@ def test_the_first_error_is_raised_in_its_place_and_unstarted_items_are_skipped(
         gate2.set()
         pool.shutdown()  # runs what is queued: the skipped items end without running
     assert 3 not in ran  # cancelled before the one thread reached it
-    assert len(pool._threads) == 1
+    assert len(pool.threads) == 1
 
 
 def test_threads_are_bounded_and_reused() -> None:
@@ -69,8 +72,8 @@ def test_threads_are_bounded_and_reused() -> None:
     try:
         for _ in range(5):
             assert list(pool.imap(lambda x: x, list(range(50)))) == list(range(50))
-        assert len(pool._threads) == 3
-        names = {thread.name for thread in pool._threads}
+        assert len(pool.threads) == 3
+        names = {thread.name for thread in pool.threads}
         assert all(name.startswith("test-bounded_") for name in names)
     finally:
         pool.shutdown()
@@ -82,7 +85,7 @@ def test_shutdown_runs_the_queued_work_then_refuses_more() -> None:
     pool.imap(done.append, list(range(20)))  # results never read: the work runs all the same
     pool.shutdown()
     assert sorted(done) == list(range(20))  # type: ignore[type-var]
-    assert not any(thread.is_alive() for thread in pool._threads)
+    assert not any(thread.is_alive() for thread in pool.threads)
     with pytest.raises(RuntimeError):
         pool.imap(done.append, [1])
 
@@ -129,6 +132,126 @@ def test_more_concurrent_maps_than_threads_all_finish_in_order() -> None:
             caller.join(30)
         assert not any(caller.is_alive() for caller in callers)
         assert outcomes == {index: [(index, x) for x in range(40)] for index in range(16)}
-        assert len(pool._threads) == 2
+        assert len(pool.threads) == 2
     finally:
         pool.shutdown()
+
+
+# Fetches inline on expendable lane threads ------------------------------------------------------
+
+DEADLINE_S = 0.3
+# The deadline, the grace past it, the consumer's watch slice, and room for a loaded machine.
+GIVE_UP_BOUND_S = DEADLINE_S + deadlines.GRACE_S + 0.25 + 2.0
+
+
+class _Stalled:
+    """A function whose fetch of "stuck" blocks (as read(2) on a hung NFS mount) until released;
+    other items fetch at once. It counts how each item ended, and on which thread it fetched."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.ended: list[tuple[object, str]] = []
+        self.fetch_threads: list[str] = []
+        self.lock = threading.Lock()
+
+    def fetch(self, item: object) -> str:
+        self.fetch_threads.append(threading.current_thread().name)
+        if item == "stuck":
+            assert self.release.wait(30)
+        return f"bytes of {item}"
+
+    def __call__(self, item: object) -> tuple[object, str]:
+        try:
+            data = deadlines.within_deadline(
+                time.monotonic() + DEADLINE_S, _TimedOut, lambda: self.fetch(item)
+            )
+            outcome = (item, data)
+        except _TimedOut as error:  # as ScoringService turns fetch_timeout into a result row
+            outcome = (item, f"timed out: {error}")
+        with self.lock:
+            self.ended.append(outcome)
+        return outcome
+
+
+class _TimedOut(Exception):
+    def __init__(self, why: str | None) -> None:
+        super().__init__(why or "deadline")
+
+
+@pytest.fixture
+def no_stuck_threads() -> Iterator[None]:
+    # Threads left blocked by other tests end on their own; start from none, end with none.
+    wait_until(lambda: deadlines.abandoned_count() == 0, 30, "earlier stuck threads done")
+    yield
+    wait_until(lambda: deadlines.abandoned_count() == 0, 30, "this test's stuck threads done")
+
+
+def test_a_fetch_runs_inline_on_the_lane_thread(no_stuck_threads: None) -> None:
+    pool, stalled = LanePool(2, "test-inline"), _Stalled()
+    try:
+        assert list(pool.imap(stalled, ["a", "b"])) == [("a", "bytes of a"), ("b", "bytes of b")]
+        assert all(name.startswith("test-inline_") for name in stalled.fetch_threads), stalled.fetch_threads
+    finally:
+        pool.shutdown()
+
+
+def test_an_overdue_fetch_is_given_up_on_and_its_thread_replaced(no_stuck_threads: None) -> None:
+    """One lane thread, stuck in a fetch the kernel will not interrupt: the consumer answers for
+    that item at its deadline (the function's own timed-out row, made once), a new thread runs the
+    items behind it, and the stuck thread, once its read returns, ends without a second row."""
+    pool, stalled = LanePool(1, "test-stuck"), _Stalled()
+    try:
+        started = time.monotonic()
+        results = list(pool.imap(stalled, ["a", "stuck", "b", "c"]))
+        elapsed = time.monotonic() - started
+        assert results == [
+            ("a", "bytes of a"),
+            ("stuck", "timed out: deadline"),
+            ("b", "bytes of b"),
+            ("c", "bytes of c"),
+        ]
+        assert elapsed < GIVE_UP_BOUND_S, elapsed
+        assert deadlines.abandoned_count() == 1
+        assert [name for name in stalled.fetch_threads if name != "MainThread"][-2:] == ["test-stuck_1"] * 2
+        stuck_thread = next(t for t in threading.enumerate() if t.name == "test-stuck_0")
+        stalled.release.set()
+        stuck_thread.join(10)
+        assert not stuck_thread.is_alive()
+        assert [end for end in stalled.ended if end[0] == "stuck"] == [("stuck", "timed out: deadline")]
+        assert list(pool.imap(stalled, ["d"])) == [("d", "bytes of d")]  # the pool still serves
+        assert len(pool.threads) == 1
+    finally:
+        stalled.release.set()
+        pool.shutdown()
+
+
+def test_stuck_threads_are_capped_then_fetches_fail_at_once(
+    no_stuck_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deadlines, "MAX_ABANDONED", 1)
+    pool, stalled = LanePool(2, "test-cap"), _Stalled()
+    try:
+        assert list(pool.imap(stalled, ["stuck"])) == [("stuck", "timed out: deadline")]
+        started = time.monotonic()
+        (refused,) = pool.imap(stalled, ["a"])
+        assert refused[1].startswith("timed out: 1 earlier fetches are still stuck"), refused
+        assert time.monotonic() - started < DEADLINE_S  # failed at once, not at a deadline
+    finally:
+        stalled.release.set()
+        pool.shutdown()
+
+
+def test_shutdown_gives_up_on_a_stuck_fetch_nobody_waits_for(no_stuck_threads: None) -> None:
+    """A caller that stopped reading its results leaves nobody to give up on a stuck item:
+    shutdown does, so a worker's warm shutdown is not held by a hung mount."""
+    pool, stalled = LanePool(1, "test-shutdown"), _Stalled()
+    results = pool.imap(stalled, ["stuck", "a"])
+    wait_until(lambda: stalled.fetch_threads, 10, "the stuck fetch started")
+    del results  # never read
+    try:
+        started = time.monotonic()
+        pool.shutdown()
+        assert time.monotonic() - started < GIVE_UP_BOUND_S
+        assert ("a", "bytes of a") in stalled.ended  # the queued item still ran
+    finally:
+        stalled.release.set()

@@ -141,6 +141,7 @@ def test_a_fetch_blocked_in_the_kernel_costs_the_caller_only_its_deadline(
     """A read on a stalled network mount blocks in the kernel and cannot be interrupted: the
     caller gets ``fetch_timeout`` at the deadline, the helper is counted until it returns, and at
     ``MAX_ABANDONED`` stuck helpers new fetches fail at once instead of piling up threads."""
+    import worker.serving.deadlines as deadlines
     import worker.serving.sources as sources_module
 
     (tmp_path / "a.png").write_bytes(b"png")
@@ -156,7 +157,7 @@ def test_a_fetch_blocked_in_the_kernel_costs_the_caller_only_its_deadline(
     # Helpers left by other tests (the header drip) end on their own; start from none.
     wait_until(lambda: sources_module.abandoned_fetches() == 0, 30, "earlier fetch helpers done")
     monkeypatch.setattr(sources_module, "_read_capped", stalled)
-    monkeypatch.setattr(sources_module, "MAX_ABANDONED", 1)
+    monkeypatch.setattr(deadlines, "MAX_ABANDONED", 1)
     sources = Sources(local_roots=[tmp_path], max_bytes=100, timeout=0.5)
     try:
         started = time.monotonic()

@@ -198,3 +198,41 @@ def test_stop_gives_up_on_a_forward_that_hangs_after_shutdown_began(loaded_model
     finally:
         release.set()
         service.batcher.stop(10)
+
+
+def test_score_many_answers_a_stalled_file_by_its_deadline_and_scores_the_rest(
+    loaded_model, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """score_many's lane threads read files inline: a read that blocks in the kernel (a hung
+    network mount) gives that image fetch_timeout at the deadline, and the others are scored
+    by threads started in place of the stuck one."""
+    import time
+
+    import worker.serving.sources as sources_module
+    from worker.serving import deadlines
+
+    images = [str(path) for path in sorted(image_dir.glob("*.png"))]
+    stalled_name = Path(images[1]).name
+    release = threading.Event()
+    real_read = sources_module._read_capped
+
+    def stalled(stream, max_bytes, deadline, what):
+        if what.endswith(stalled_name):
+            release.wait(60)
+        return real_read(stream, max_bytes, deadline, what)
+
+    wait_until(lambda: deadlines.abandoned_count() == 0, 30, "earlier stuck threads done")
+    monkeypatch.setattr(sources_module, "_read_capped", stalled)
+    settings = load_settings(max_batch_size=4, max_wait_ms=1, fetch_timeout=0.5)
+    service = ScoringService(loaded_model, settings, local_roots=None, threads=1).start()
+    try:
+        started = time.monotonic()
+        results = service.score_uris(images)
+        assert time.monotonic() - started < 0.5 + deadlines.GRACE_S + 0.25 + 5
+        assert [r["uri"] for r in results] == images
+        assert results[1]["error"]["code"] == "fetch_timeout", results[1]
+        assert all(r["ok"] for i, r in enumerate(results) if i != 1), results
+    finally:
+        release.set()
+        service.stop()
+    wait_until(lambda: deadlines.abandoned_count() == 0, 10, "the stuck lane thread done")

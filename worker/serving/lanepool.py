@@ -8,6 +8,12 @@ per item. On a GPU host that is per-image Python work under the one GIL. Here an
 slotted object with one lock, held from creation until the item has run; the consumer acquires
 it in order, which is one C call, and does not block at all for items already done.
 
+A lane thread is expendable: the fetches of the function it runs take no hand-off to a deadline
+helper but run inline (worker/serving/deadlines.py), and the consumer waiting for an item gives
+up on it once its fetch is overdue: it runs the function for that item itself, where the fetch
+then fails at once with ``fetch_timeout``, and starts a thread in place of the stuck one (which
+ends when, if ever, its read returns). :meth:`shutdown` gives up on such items too.
+
 Semantics kept from ``Executor.map``: every item is queued at once (the function runs for all
 of them even if the results are never read), results in input order, the first exception is
 raised in its place, and closing the iterator early (or that exception) cancels the items no
@@ -18,16 +24,22 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
+from worker.serving.deadlines import Abandoned, Watched, watching
+
 T = TypeVar("T")
+# How often a consumer (or shutdown) waiting for an item looks whether its fetch is overdue.
+_WATCH_SLICE_S = 0.25
 
 
-class _Item(Generic[T]):
-    __slots__ = ("function", "argument", "done", "value", "error", "cancelled")
+class _Item(Watched, Generic[T]):
+    __slots__ = ("function", "argument", "done", "value", "error", "cancelled", "runner")
 
     def __init__(self, function: Callable[[object], T], argument: object) -> None:
+        super().__init__()
         self.function = function
         self.argument = argument
         self.done = threading.Lock()
@@ -35,6 +47,17 @@ class _Item(Generic[T]):
         self.value: T | None = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.runner: _Runner | None = None  # the lane thread running it
+
+
+class _Runner:
+    """A lane thread and the item it is running (read by whoever gives up on that item)."""
+
+    __slots__ = ("thread", "item")
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.item: _Item | None = None
 
 
 class LanePool:
@@ -47,9 +70,16 @@ class LanePool:
         self.max_threads = threads
         self._name = name
         self._inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()  # thread start-up and shutdown
+        self._runners: list[_Runner] = []  # the threads serving the inbox (not the abandoned)
+        self._started = 0
+        self._lock = threading.Lock()  # thread start-up, replacement and shutdown
         self._shut = False
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The threads serving this pool (a thread given up on, stuck in a fetch, is not one)."""
+        with self._lock:
+            return [runner.thread for runner in self._runners if runner.thread is not None]
 
     def imap(self, function: Callable[[object], T], items: Sequence[object]) -> Iterator[T]:
         """``function`` over ``items``, all queued now; the results (lazily) in input order.
@@ -65,15 +95,17 @@ class LanePool:
                 self._inbox.put(item)
         return self._results(queued)
 
-    @staticmethod
-    def _results(queued: list[_Item[T]]) -> Iterator[T]:
+    def _results(self, queued: list[_Item[T]]) -> Iterator[T]:
         # Taken off the list as they are yielded (as Executor.map pops its futures): a streaming
         # consumer (``realscore score`` over a folder) must not keep every written result.
         queued.reverse()
         try:
             while queued:
                 item = queued.pop()
-                item.done.acquire()
+                if not item.done.acquire(timeout=_WATCH_SLICE_S) and not self._wait(item):
+                    item.error = None
+                    with watching(item):  # its fetch fails at once, as overdue
+                        item.value = item.function(item.argument)
                 if item.error is not None:
                     error, item.error = item.error, None  # no cycle through the traceback
                     raise error
@@ -82,32 +114,66 @@ class LanePool:
             for item in queued:  # those a thread has not taken yet are skipped
                 item.cancelled = True
 
-    def _grow(self, wanted: int) -> None:
-        """Start threads up to ``max_threads``, at most one per queued item (called locked)."""
-        for _ in range(min(wanted, self.max_threads - len(self._threads))):
-            thread = threading.Thread(
-                target=self._serve, name=f"{self._name}_{len(self._threads)}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+    def _wait(self, item: _Item) -> bool:
+        """Wait for ``item`` to be run; False once it was given up on, its fetch overdue."""
+        while not self._give_up_if_overdue(item):
+            if item.done.acquire(timeout=_WATCH_SLICE_S):
+                return True
+        return False
 
-    def _serve(self) -> None:
+    def _give_up_if_overdue(self, item: _Item) -> bool:
+        """Give up on an item whose fetch is past its deadline and put a new thread in place of
+        the one stuck running it; True once the item was given up on (here or by another)."""
+        runner = item.runner
+        if not item.abandon(time.monotonic()):
+            return False
+        with self._lock:
+            if runner in self._runners:
+                self._runners.remove(runner)
+                self._grow(1)
+        return True
+
+    def _grow(self, wanted: int) -> None:
+        """Start threads up to ``max_threads``, at most ``wanted`` (called locked)."""
+        for _ in range(min(wanted, self.max_threads - len(self._runners))):
+            runner = _Runner()
+            runner.thread = threading.Thread(
+                target=self._serve, args=(runner,), name=f"{self._name}_{self._started}", daemon=True
+            )
+            self._started += 1
+            self._runners.append(runner)
+            runner.thread.start()
+
+    def _serve(self, runner: _Runner) -> None:
         inbox = self._inbox
         while (item := inbox.get()) is not None:
             if not item.cancelled:
+                item.runner, runner.item = runner, item
                 try:
-                    item.value = item.function(item.argument)
+                    with watching(item):
+                        item.value = item.function(item.argument)
+                except Abandoned:
+                    return  # a new thread has taken this one's place; the consumer answered
                 except BaseException as error:  # noqa: BLE001 - handed to the consumer
                     item.error = error
+                runner.item = None
             item.done.release()
             del item  # not kept alive (its value, an image's result) while this thread waits
 
     def shutdown(self) -> None:
-        """Run what is queued, then end the threads; later :meth:`imap` calls raise."""
+        """Run what is queued, then end the threads; later :meth:`imap` calls raise. A thread
+        stuck in a fetch past its deadline is given up on rather than waited for."""
         with self._lock:
             self._shut = True
-            threads = list(self._threads)
-            for _ in threads:
+            for _ in self._runners:
                 self._inbox.put(None)
-        for thread in threads:
-            thread.join()
+        while True:
+            with self._lock:
+                live = [r for r in self._runners if r.thread is not None and r.thread.is_alive()]
+            if not live:
+                return
+            for runner in live:
+                runner.thread.join(_WATCH_SLICE_S)  # type: ignore[union-attr]
+                item = runner.item
+                if item is not None:
+                    self._give_up_if_overdue(item)

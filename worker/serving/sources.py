@@ -7,11 +7,13 @@ Size limits are enforced while reading (an object is never read whole to learn i
 - S3 bodies are read with ``read1`` (whatever has arrived, not a full chunk) and the socket's
   timeout set to the time left before every read, so neither a silent nor a slow-drip endpoint
   (one byte every 200 ms never trips a per-read timeout) keeps a read going past the deadline.
-- Every fetch runs on a (reused) helper thread and the caller waits only until the deadline:
-  what no read loop can bound (botocore's request and its headers, a local file on a stalled
-  network mount, where ``read`` blocks in the kernel and cannot be interrupted) costs the task
-  ``fetch_timeout``, not its thread. The helper finishes, or stays blocked in the kernel, on its
-  own; at most ``MAX_ABANDONED`` such helpers are left at once, then fetches fail fast.
+- What no read loop can bound (botocore's request and its headers, a local file on a stalled
+  network mount, where ``read`` blocks in the kernel and cannot be interrupted) is bounded by
+  letting the blocked thread go (worker/serving/deadlines.py): a fetch runs on a reused helper
+  thread the caller stops waiting for at the deadline, or, on a ``score_many`` lane thread,
+  inline, and the map's consumer gives up on the lane thread instead. Either way it costs the
+  image ``fetch_timeout``, not a thread; at most ``deadlines.MAX_ABANDONED`` threads are left
+  blocked at once, then fetches fail fast.
 
 Celery's time limits do nothing in the thread pool, hence all this. S3 socket timeouts are sized
 so botocore's three attempts fit in ``FETCH_TIMEOUT``.
@@ -21,29 +23,24 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from shared.buckets import ANY_BUCKET, is_plain_bucket
 from shared.errors import ErrorCode, ScoringError
 from shared.redact import redact
+from worker.serving import deadlines
+from worker.serving.deadlines import within_deadline
 
-T = TypeVar("T")
 CHUNK_BYTES = 1 << 20
 S3_ATTEMPTS = 3
-# Fetch helpers still running past their deadline (stalled mounts, dripping endpoints) that a
-# process keeps before it fails new fetches at once instead of starting more of them.
-MAX_ABANDONED = 64
-# How long the caller waits past the deadline for the helper's own (more precise) verdict.
-_GRACE_S = 0.5
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 # The worker's own credentials are wrong: a configuration problem, not this object's.
@@ -208,87 +205,20 @@ class _DeadlineBody:
             ) from None
 
 
-class _Helpers:
-    """Daemon threads that run fetches, reused: a new thread per fetch costs about 0.1 ms.
+def _fetch_timed_out(what: str) -> deadlines.TimedOut:
+    """The error of a fetch past its deadline, or refused because too many are stuck (``why``)."""
 
-    A thread takes a job from its own inbox, runs it, and offers itself again; one that stays
-    blocked (a stalled mount) is simply never offered again, and a new one is started when no
-    idle thread is left. Daemon threads, so a read stuck in the kernel never blocks exit.
-    """
+    def timed_out(why: str | None) -> ScoringError:
+        if why is None:
+            return _timed_out(what)
+        return ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: not fetched: {why}")
 
-    def __init__(self) -> None:
-        self._idle: queue.SimpleQueue[queue.SimpleQueue[Callable[[], None]]] = queue.SimpleQueue()
-
-    def run(self, job: Callable[[], None]) -> None:
-        try:
-            inbox = self._idle.get_nowait()
-        except queue.Empty:
-            inbox = queue.SimpleQueue()
-            threading.Thread(target=self._serve, args=(inbox,), name="realscore-fetch", daemon=True).start()
-        inbox.put(job)
-
-    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
-        while True:
-            inbox.get()()
-            self._idle.put(inbox)
-
-
-_helpers = _Helpers()
-_abandoned = 0
-_abandoned_lock = threading.Lock()
-
-
-def _within_deadline(deadline: float, what: str, function: Callable[[], T]) -> T:
-    """``function()`` on a helper thread; ``fetch_timeout`` once the deadline has passed.
-
-    The helper is left to finish on its own (a read blocked in the kernel cannot be cancelled);
-    :data:`MAX_ABANDONED` bounds how many are left at once.
-    """
-    global _abandoned
-    with _abandoned_lock:
-        if _abandoned >= MAX_ABANDONED:
-            raise ScoringError(
-                ErrorCode.FETCH_TIMEOUT,
-                f"{what}: not fetched: {_abandoned} earlier fetches are still stuck past their "
-                "deadline (a stalled mount or S3 endpoint?)",
-            )
-    outcome: list[tuple[bool, object]] = []
-    # A bare lock as the "done" signal, held until the job ends: acquiring it with a timeout is
-    # one C call, where threading.Event is a Python Condition (a few lock round trips per image).
-    done = threading.Lock()
-    done.acquire()
-    state = {"abandoned": False, "done": False}
-
-    def job() -> None:
-        global _abandoned
-        try:
-            outcome.append((True, function()))
-        except BaseException as error:  # noqa: BLE001 - handed to the caller as it is
-            outcome.append((False, error))
-        finally:
-            with _abandoned_lock:
-                state["done"] = True
-                done.release()
-                if state["abandoned"]:
-                    _abandoned -= 1
-
-    _helpers.run(job)
-    if not done.acquire(timeout=max(0.0, deadline - time.monotonic()) + _GRACE_S):
-        with _abandoned_lock:
-            if not state["done"]:
-                state["abandoned"] = True
-                _abandoned += 1
-        if state["abandoned"]:
-            raise _timed_out(what)
-    ok, value = outcome[0]
-    if ok:
-        return value  # type: ignore[return-value]
-    raise value  # type: ignore[misc]
+    return timed_out
 
 
 def abandoned_fetches() -> int:
-    """Fetch helpers still running after their caller gave up on them."""
-    return _abandoned
+    """Fetches still blocked after their caller gave up on them."""
+    return deadlines.abandoned_count()
 
 
 def _shown(path: str, limit: int = 200) -> str:
@@ -397,9 +327,9 @@ class Sources:
         if isinstance(ref, S3Ref):
             self.check_bucket(ref)
             what = f"s3://{ref.bucket}/{_shown(ref.key)}"
-            return _within_deadline(deadline, what, lambda: self._fetch_s3(ref, deadline))
-        return _within_deadline(
-            deadline, _shown(ref.path), lambda: self._fetch_local(ref, deadline)
+            return within_deadline(deadline, _fetch_timed_out(what), lambda: self._fetch_s3(ref, deadline))
+        return within_deadline(
+            deadline, _fetch_timed_out(_shown(ref.path)), lambda: self._fetch_local(ref, deadline)
         )
 
     def check_bucket(self, ref: S3Ref) -> None:
