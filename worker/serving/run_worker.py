@@ -7,7 +7,9 @@ The model is loaded here, before Celery's main loop even connects, so a worker t
 it exits non-zero with the reason and never takes a task (an exception in a signal handler such
 as ``worker_process_init`` would only be logged, and that signal never fires for the thread pool).
 Celery's arguments and the model's files are checked before that, without torch, so a mistake
-there is answered at once rather than after a minutes-long model load.
+there is answered at once rather than after a minutes-long model load. ``shared.celery_app``,
+which reads the settings, is imported only where the app is used, so ``--help`` prints even while
+a setting is bad.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from shared.celery_app import app, configure_worker
 from shared.model_files import ModelFilesError, check_tower, head_weights_path
 from shared.usage import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from shared.settings import Settings, get_settings
@@ -44,26 +45,32 @@ def celery_argv(settings: Settings, extra: list[str]) -> list[str]:
     ]
 
 
-def _celery_worker_context(argv: list[str] | None):
-    """Celery's ``worker`` command and a click context for it on our app; ``argv`` (without the
-    ``worker`` word) is parsed as Celery would parse it, running nothing, when given."""
+def _celery_worker_context(argv: list[str]):
+    """A click context of Celery's ``worker`` command on our app, with ``argv`` (without the
+    ``worker`` word) parsed as Celery would parse it, running nothing; click's usage error for
+    arguments Celery would refuse."""
     import click
     from celery.bin.base import CLIContext
     from celery.bin.celery import celery as celery_command
     from celery.bin.worker import worker as worker_command
 
+    from shared.celery_app import app  # some options' types read the app's configuration
+
     parent = click.Context(
         celery_command, info_name="realscore", obj=CLIContext(app=app, no_color=True, workdir=None)
     )
-    if argv is None:
-        return worker_command, click.Context(worker_command, info_name="worker", parent=parent)
-    return worker_command, worker_command.make_context("worker", argv, parent=parent)
+    return worker_command.make_context("worker", argv, parent=parent)
 
 
 def celery_help() -> str:
-    """Celery's own ``worker`` options, as ``realscore worker --help`` shows them."""
-    command, context = _celery_worker_context(None)
-    return command.get_help(context)
+    """Celery's own ``worker`` options, as ``realscore worker --help`` shows them. Formatting them
+    needs no app, so no setting is read: help must print even while a setting is bad."""
+    import click
+    from celery.bin.celery import celery as celery_command
+    from celery.bin.worker import worker as worker_command
+
+    parent = click.Context(celery_command, info_name="realscore")
+    return worker_command.get_help(click.Context(worker_command, info_name="worker", parent=parent))
 
 
 def check_celery_argv(argv: list[str]) -> None:
@@ -119,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings: Settings, extra: list[str]) -> int:
     from celery import signals
 
+    from shared.celery_app import app, configure_worker
     from worker.serving import bulk_gate, metrics, redis_transport, runtime
     from worker.serving.attempts import AttemptCounter
     from worker.model.loader import ModelLoadError, load_model
@@ -215,6 +223,8 @@ def run_celery(argv: list[str]) -> int:
     and a supervisor would not restart it."""
     import click
     from celery.bin.celery import celery as celery_command
+
+    from shared.celery_app import app
 
     celery_command.params[0].default = app  # what app.start does
     try:
