@@ -59,7 +59,8 @@ def _celery_worker_context(argv: list[str]):
     parent = click.Context(
         celery_command, info_name="realscore", obj=CLIContext(app=app, no_color=True, workdir=None)
     )
-    return worker_command.make_context("worker", argv, parent=parent)
+    # A copy: click consumes the list it parses, and callers go on to pass theirs to celery.
+    return worker_command.make_context("worker", list(argv), parent=parent)
 
 
 def celery_help() -> str:
@@ -265,16 +266,16 @@ class Child:
 
 
 def user_node_name(extra: list[str]) -> str | None:
-    """The ``-n``/``--hostname`` the caller gave celery (the last one wins, as in celery)."""
-    found = None
-    for i, arg in enumerate(extra):
-        if arg in ("-n", "--hostname") and i + 1 < len(extra):
-            found = extra[i + 1]
-        elif arg.startswith("--hostname="):
-            found = arg.split("=", 1)[1]
-        elif arg.startswith("-n") and len(arg) > 2 and not arg.startswith("--"):
-            found = arg[2:]
-    return found
+    """The ``-n``/``--hostname`` the caller gave celery, as Celery's own parser reads it (in any
+    spelling; the last one wins; ``%h`` expanded; a bare ``NAME`` is node ``celery@NAME``), or
+    ``None`` without one. ``extra`` must be arguments Celery accepts (see
+    :func:`check_celery_argv`)."""
+    from click.core import ParameterSource
+
+    context = _celery_worker_context(extra)
+    if context.get_parameter_source("hostname") is not ParameterSource.COMMANDLINE:
+        return None  # Celery's default (celery@this host), not the caller's
+    return context.params["hostname"]
 
 
 def plan_children(
@@ -284,7 +285,7 @@ def plan_children(
     own node name (the caller's ``-n NAME@HOST`` becomes ``NAME-gpu0-1@HOST``; without one,
     ``gpu0@%h`` as before, ``gpu0-1@%h`` or ``proc1@%h``) and, with metrics on, its own port."""
     given = user_node_name(extra)
-    name, host = given.split("@", 1) if given and "@" in given else (given, "%h")
+    name, host = given.split("@", 1) if given else (None, "%h")  # Celery's names have an @
     children = []
     for gpu in gpus:
         for proc in range(procs_per_gpu):
