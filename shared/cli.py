@@ -146,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     try:
+        if getattr(args, "help", False):
+            # `worker --help`, the one help argparse does not print while parsing: it reads no
+            # setting, since help is what one reads to fix a bad one.
+            return args.handler(args)
         settings = get_settings()
         check = getattr(args, "preflight", None)
         if check is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery.utils.nodenames import host_format
 
 from shared.cli import UsageError
 from shared.settings import load_settings
@@ -53,6 +54,26 @@ def test_the_callers_node_name_is_found_in_every_spelling() -> None:
     assert user_node_name(["-n", "a@b", "--hostname", "c@d"]) == "c@d"
     assert user_node_name(["--hostname=e@f"]) == "e@f"
     assert user_node_name(["-ng@h"]) == "g@h"
+    # What Celery's own parser reads, which a hand parser got wrong: a flag clustered with -n, a
+    # -n after "--" (no option any more), a bare name (Celery: host NAME, node celery@NAME).
+    assert user_node_name(["-En", "x@y"]) == "x@y"
+    assert user_node_name(["--", "-n", "z@z"]) is None
+    assert user_node_name(["-n", "api"]) == "celery@api"
+    extra = ["--concurrency", "4", "-n", "a@b"]
+    user_node_name(extra)
+    assert extra == ["--concurrency", "4", "-n", "a@b"]  # click consumes what it parses: a copy
+
+
+def test_children_are_named_as_celery_names_the_callers_node() -> None:
+    settings = load_settings()
+    here = host_format("%h")
+    assert [c.node for c in plan_children([None], 2, ["-n", "api@%h"], settings)] == [
+        f"api-0@{here}", f"api-1@{here}"
+    ]
+    # As `realscore worker -n api` is node celery@api, its processes are celery-0@api, ...
+    assert [c.node for c in plan_children([0], 2, ["-n", "api"], settings)] == [
+        "celery-gpu0-0@api", "celery-gpu0-1@api"
+    ]
 
 
 @pytest.mark.integration

@@ -148,6 +148,43 @@ def test_the_worker_refuses_those_delivery_settings_without_help() -> None:
     assert done.returncode == 2 and "REALSCORE_VISIBILITY_TIMEOUT (60 s)" in done.stderr
 
 
+BAD_SETTINGS = [
+    {"REALSCORE_MAX_BATCH_SIZE": "abc"},  # a value that does not parse
+    {"REALSCORE_MAX_BATCH_SIZ": "8"},  # no such setting
+]
+EVERY_COMMAND = [  # each with nothing but --help: help needs no other argument either
+    [], ["worker"], ["score"], ["submit"], ["demo-model"], ["backfill"], ["convert"], ["evaluate"],
+    ["train"],
+]
+
+
+@pytest.mark.parametrize("env", BAD_SETTINGS, ids=["bad-value", "unknown-variable"])
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=lambda c: c[0] if c else "realscore")
+def test_help_prints_whatever_the_settings(command: list[str], env: dict[str, str]) -> None:
+    """Help is what one reads to fix a bad setting. argparse prints the other commands' help while
+    parsing; `worker --help` is answered by the command itself (it adds Celery's options), and
+    used to read the settings first and refuse."""
+    done = _realscore([*command, "--help"], env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: {' '.join(['realscore', *command])} "), done.stdout[:200]
+    assert "REALSCORE_MAX_BATCH_SIZ" not in done.stderr
+    assert "torch not imported" in done.stderr
+
+
+@pytest.mark.parametrize("env", BAD_SETTINGS, ids=["bad-value", "unknown-variable"])
+@pytest.mark.parametrize(
+    "command", [["worker"], ["worker", "--gpus", "0"], ["demo-model", "--out", "unused"]]
+)
+def test_without_help_a_bad_setting_is_refused_in_one_line(
+    command: list[str], env: dict[str, str]
+) -> None:
+    (name,) = env
+    done = _realscore(command, env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"realscore {command[0]}: {name}: ")
+    assert "Traceback" not in done.stderr and "torch not imported" in done.stderr
+
+
 def test_version() -> None:
     done = _realscore(["--version"], {})
     assert done.returncode == 0

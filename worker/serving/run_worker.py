@@ -7,7 +7,9 @@ The model is loaded here, before Celery's main loop even connects, so a worker t
 it exits non-zero with the reason and never takes a task (an exception in a signal handler such
 as ``worker_process_init`` would only be logged, and that signal never fires for the thread pool).
 Celery's arguments and the model's files are checked before that, without torch, so a mistake
-there is answered at once rather than after a minutes-long model load.
+there is answered at once rather than after a minutes-long model load. ``shared.celery_app``,
+which reads the settings, is imported only where the app is used, so ``--help`` prints even while
+a setting is bad.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from shared.celery_app import app, configure_worker
 from shared.model_files import ModelFilesError, check_tower, head_weights_path
 from shared.usage import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from shared.settings import Settings, get_settings
@@ -44,26 +45,33 @@ def celery_argv(settings: Settings, extra: list[str]) -> list[str]:
     ]
 
 
-def _celery_worker_context(argv: list[str] | None):
-    """Celery's ``worker`` command and a click context for it on our app; ``argv`` (without the
-    ``worker`` word) is parsed as Celery would parse it, running nothing, when given."""
+def _celery_worker_context(argv: list[str]):
+    """A click context of Celery's ``worker`` command on our app, with ``argv`` (without the
+    ``worker`` word) parsed as Celery would parse it, running nothing; click's usage error for
+    arguments Celery would refuse."""
     import click
     from celery.bin.base import CLIContext
     from celery.bin.celery import celery as celery_command
     from celery.bin.worker import worker as worker_command
 
+    from shared.celery_app import app  # some options' types read the app's configuration
+
     parent = click.Context(
         celery_command, info_name="realscore", obj=CLIContext(app=app, no_color=True, workdir=None)
     )
-    if argv is None:
-        return worker_command, click.Context(worker_command, info_name="worker", parent=parent)
-    return worker_command, worker_command.make_context("worker", argv, parent=parent)
+    # A copy: click consumes the list it parses, and callers go on to pass theirs to celery.
+    return worker_command.make_context("worker", list(argv), parent=parent)
 
 
 def celery_help() -> str:
-    """Celery's own ``worker`` options, as ``realscore worker --help`` shows them."""
-    command, context = _celery_worker_context(None)
-    return command.get_help(context)
+    """Celery's own ``worker`` options, as ``realscore worker --help`` shows them. Formatting them
+    needs no app, so no setting is read: help must print even while a setting is bad."""
+    import click
+    from celery.bin.celery import celery as celery_command
+    from celery.bin.worker import worker as worker_command
+
+    parent = click.Context(celery_command, info_name="realscore")
+    return worker_command.get_help(click.Context(worker_command, info_name="worker", parent=parent))
 
 
 def check_celery_argv(argv: list[str]) -> None:
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings: Settings, extra: list[str]) -> int:
     from celery import signals
 
+    from shared.celery_app import app, configure_worker
     from worker.serving import bulk_gate, metrics, redis_transport, runtime
     from worker.serving.attempts import AttemptCounter
     from worker.model.loader import ModelLoadError, load_model
@@ -216,6 +225,8 @@ def run_celery(argv: list[str]) -> int:
     import click
     from celery.bin.celery import celery as celery_command
 
+    from shared.celery_app import app
+
     celery_command.params[0].default = app  # what app.start does
     try:
         return int(celery_command.main(args=argv, standalone_mode=False) or 0)
@@ -255,16 +266,16 @@ class Child:
 
 
 def user_node_name(extra: list[str]) -> str | None:
-    """The ``-n``/``--hostname`` the caller gave celery (the last one wins, as in celery)."""
-    found = None
-    for i, arg in enumerate(extra):
-        if arg in ("-n", "--hostname") and i + 1 < len(extra):
-            found = extra[i + 1]
-        elif arg.startswith("--hostname="):
-            found = arg.split("=", 1)[1]
-        elif arg.startswith("-n") and len(arg) > 2 and not arg.startswith("--"):
-            found = arg[2:]
-    return found
+    """The ``-n``/``--hostname`` the caller gave celery, as Celery's own parser reads it (in any
+    spelling; the last one wins; ``%h`` expanded; a bare ``NAME`` is node ``celery@NAME``), or
+    ``None`` without one. ``extra`` must be arguments Celery accepts (see
+    :func:`check_celery_argv`)."""
+    from click.core import ParameterSource
+
+    context = _celery_worker_context(extra)
+    if context.get_parameter_source("hostname") is not ParameterSource.COMMANDLINE:
+        return None  # Celery's default (celery@this host), not the caller's
+    return context.params["hostname"]
 
 
 def plan_children(
@@ -274,7 +285,7 @@ def plan_children(
     own node name (the caller's ``-n NAME@HOST`` becomes ``NAME-gpu0-1@HOST``; without one,
     ``gpu0@%h`` as before, ``gpu0-1@%h`` or ``proc1@%h``) and, with metrics on, its own port."""
     given = user_node_name(extra)
-    name, host = given.split("@", 1) if given and "@" in given else (given, "%h")
+    name, host = given.split("@", 1) if given else (None, "%h")  # Celery's names have an @
     children = []
     for gpu in gpus:
         for proc in range(procs_per_gpu):
