@@ -160,10 +160,10 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
         progress.close()
         print(model_stopped("backfill", error), file=sys.stderr)
         return EXIT_FAILURE
-    # BrokerUnavailable: what shared.client makes of an unreachable Redis when a chunk is sent.
-    except (OperationalError, RedisError, BrokerUnavailable, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and not _backend_gave_up(error):
-            raise  # a bug, not a lost connection: its traceback, not a user-facing line
+    # BrokerUnavailable: what shared.client makes of an unreachable Redis, Celery's given-up
+    # result consumer included, when a chunk is sent, polled or abandoned (QueueScorer). Any
+    # other RedisError is Redis answering with an error (out of memory, read-only replica).
+    except (BrokerUnavailable, RedisError) as error:
         progress.close()
         print(f"realscore backfill: lost the broker or result backend: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -176,14 +176,3 @@ def _score(args: argparse.Namespace, settings: Settings, listing, state: Backfil
             print(f"realscore backfill: stopped before the end; resume with: {resume}", file=sys.stderr)
     return EXIT_OK if finished else EXIT_INTERRUPTED
 
-
-def _backend_gave_up(error: RuntimeError) -> bool:
-    """Celery's result consumer raises a bare RuntimeError ("Retry limit exceeded while trying to
-    reconnect to the Celery result store backend") from the connection error that outlasted its
-    reconnects: that one is a lost backend; any other RuntimeError is a bug."""
-    from kombu.exceptions import OperationalError
-    from redis.exceptions import RedisError
-
-    cause = error.__cause__
-    lost = isinstance(cause, (OperationalError, RedisError, OSError))
-    return lost or "retry limit exceeded" in str(error).lower()

@@ -38,13 +38,20 @@ class ChunkScorer(Protocol):
 
 
 class _TaskHandle:
+    """An unreachable Redis leaves :meth:`ready` and :meth:`abandon` as the client's
+    :class:`~shared.client.BrokerUnavailable`, as it leaves sending a chunk: the command ends on
+    that one error, however redis-py, kombu or Celery said it."""
+
     def __init__(self, handle: Any) -> None:
         self._handle = handle
 
     def ready(self) -> bool:
-        return bool(self._handle.ready())
+        with client.as_broker_unavailable():
+            return bool(self._handle.ready())
 
     def get(self) -> list[dict[str, Any]]:
+        # Not translated: the driver counts any failure here as the chunk's and sends it again,
+        # and the row it writes once retries run out names the error as the backend raised it.
         try:
             return list(self._handle.get(timeout=30, propagate=True))
         finally:
@@ -53,8 +60,9 @@ class _TaskHandle:
     def abandon(self) -> None:
         # A worker holding the message (or taking its redelivery) skips it instead of scoring it
         # a second time; its result would be ignored anyway.
-        self._handle.revoke()
-        self._handle.forget()
+        with client.as_broker_unavailable():
+            self._handle.revoke()
+            self._handle.forget()
 
 
 class QueueScorer:

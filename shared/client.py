@@ -54,8 +54,7 @@ class TaskFailed(RealscoreError, RuntimeError):
     """:func:`result` of a task that failed or was revoked (e.g. it expired in the queue)."""
 
 
-# What kombu, redis-py and Celery raise when Redis cannot be reached. Celery's result consumer
-# wraps the last one in a RuntimeError ("must be restarted") when its reconnect retries run out.
+# What kombu and redis-py raise when Redis cannot be reached.
 _UNREACHABLE = (
     OperationalError,
     redis.exceptions.ConnectionError,
@@ -64,10 +63,18 @@ _UNREACHABLE = (
 )
 
 
-def _unreachable(error: BaseException) -> bool:
-    return isinstance(error, _UNREACHABLE) or (
-        isinstance(error, RuntimeError) and isinstance(error.__cause__, _UNREACHABLE)
+def _backend_gave_up(error: BaseException) -> bool:
+    """Celery's result consumer, its reconnects spent, raises a bare RuntimeError ("Retry limit
+    exceeded while trying to reconnect to the Celery result store backend") from the last of
+    the backend's connection errors. Those also include KeyError, any OSError and kombu's
+    InconsistencyError, so its message, not only its cause, says which RuntimeError it is."""
+    return isinstance(error, RuntimeError) and (
+        isinstance(error.__cause__, _UNREACHABLE) or "retry limit exceeded" in str(error).lower()
     )
+
+
+def _unreachable(error: BaseException) -> bool:
+    return isinstance(error, _UNREACHABLE) or _backend_gave_up(error)
 
 
 def _broker_unavailable(error: BaseException) -> BrokerUnavailable:
@@ -77,8 +84,11 @@ def _broker_unavailable(error: BaseException) -> BrokerUnavailable:
 
 
 @contextmanager
-def _translated() -> Iterator[None]:
-    """Redis unreachable, however redis-py, kombu or Celery says it: :class:`BrokerUnavailable`."""
+def as_broker_unavailable() -> Iterator[None]:
+    """Redis unreachable, however redis-py, kombu or Celery says it: :class:`BrokerUnavailable`.
+
+    Around every call here that talks to Redis, and around the backfill's polling of the task
+    handles this module returns: one rule for what "unreachable" is."""
     try:
         yield
     except Exception as error:
@@ -104,7 +114,7 @@ def chunks(items: Sequence[Any], size: int = MAX_URIS_PER_TASK) -> Iterator[list
 
 
 def _send(name: str, args: list[Any], queue: str, expires: float | None) -> AsyncResult:
-    with _translated():
+    with as_broker_unavailable():
         return app.send_task(name, args=args, queue=queue, expires=expires)
 
 
@@ -132,7 +142,7 @@ def submit_many(
 def _wait(handle: AsyncResult, timeout: float) -> Any:
     """``timeout``: what is left of the caller's deadline."""
     try:
-        with _translated():
+        with as_broker_unavailable():
             value = handle.get(timeout=timeout)
     except CeleryTimeout:
         raise ScoreTimeout(f"no result for task {handle.id} in time ({timeout:.3g} s left)") from None
@@ -203,7 +213,7 @@ def result(task_id: str) -> Result | list[Result] | None:
     it expired), :class:`BrokerUnavailable` when Redis cannot be reached.
     """
     handle = AsyncResult(task_id, app=app)
-    with _translated():
+    with as_broker_unavailable():
         state = handle.state
         value = handle.result if state in ("SUCCESS", "FAILURE", "REVOKED") else None
     if state in ("FAILURE", "REVOKED"):

@@ -177,41 +177,149 @@ def test_source_unavailable_is_retried_then_stops_without_writing_rows(tmp_path:
     assert list(read_rows(str(tmp_path / "o.jsonl"), "jsonl")) == []  # a rerun scores them
 
 
-@pytest.mark.parametrize("lost", [True, False])
-def test_only_the_result_backends_given_up_reconnect_is_reported_as_lost(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, lost: bool
-) -> None:
-    """Celery's bare RuntimeError after its reconnects is a lost backend (exit 1, one line);
-    any other RuntimeError is a bug and keeps its traceback."""
-    import redis
+class _FakeResult:
+    """Stands in for a Celery AsyncResult; ``fail`` maps a method name to what it raises."""
+
+    def __init__(self, rows: list[dict] | None = None, **fail: Exception) -> None:
+        self.rows, self.fail = rows, fail
+        self.called: list[str] = []
+
+    def _call(self, name: str) -> None:
+        self.called.append(name)
+        if name in self.fail:
+            raise self.fail[name]
+
+    def ready(self) -> bool:
+        self._call("ready")
+        return True
+
+    def get(self, timeout: float, propagate: bool) -> list[dict]:
+        self._call("get")
+        return list(self.rows or [])
+
+    def forget(self) -> None:
+        self._call("forget")
+
+    def revoke(self) -> None:
+        self._call("revoke")
+
+
+def _gave_up() -> RuntimeError:
+    """Celery's result consumer after its reconnects, chained from one of the backend's
+    connection errors that is not a ConnectionError (KeyError is one of them)."""
     from celery.backends.asynchronous import E_RETRY_LIMIT_EXCEEDED
 
-    from shared import backfill_command
+    try:
+        raise KeyError("celery-task-meta-x")
+    except KeyError as error:
+        try:
+            raise RuntimeError(E_RETRY_LIMIT_EXCEEDED) from error
+        except RuntimeError as gave_up:
+            return gave_up
+
+
+@pytest.mark.parametrize("where", ["send-gave-up", "ready-gave-up", "ready-refused", "ready-bug"])
+def test_a_lost_backend_ends_the_backfill_with_one_line_however_celery_says_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, where: str
+) -> None:
+    """Through the queue scorer (the client sends, the backfill polls the handles): Redis
+    refusing, or Celery's bare RuntimeError after its reconnects, whether it comes out of sending
+    a chunk or polling it, is a lost backend (exit 1, one line, the resume command); any other
+    RuntimeError is a bug and keeps its traceback."""
+    import types
+
+    import redis
+
+    from shared import backfill_command, client
     from shared.cli import EXIT_FAILURE, build_parser
 
-    class Failing(_Scorer):
-        def send(self, uris: list[str]) -> _Handle:
-            if not lost:
-                raise RuntimeError("dictionary changed size during iteration")
-            try:
-                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-            except redis.ConnectionError as error:  # as Celery's result consumer chains it
-                raise RuntimeError(E_RETRY_LIMIT_EXCEEDED) from error
+    failure = {
+        "send-gave-up": _gave_up(),
+        "ready-gave-up": _gave_up(),
+        "ready-refused": redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
+        "ready-bug": RuntimeError("dictionary changed size during iteration"),
+    }[where]
 
+    def send_task(*args: object, **options: object) -> _FakeResult:
+        if where.startswith("send"):
+            raise failure
+        return _FakeResult(ready=failure)
+
+    monkeypatch.setattr(client, "app", types.SimpleNamespace(send_task=send_task))
     source = tmp_path / "src"
     source.mkdir()
     (source / "a.png").write_bytes(b"never read")
-    monkeypatch.setattr(backfill_command, "_scorer", lambda args: Failing("not_found"))
     args = build_parser().parse_args(
-        ["backfill", str(source), "--out", str(tmp_path / "o.jsonl"), "--in-process", "--max-in-flight", "1"]
+        ["backfill", str(source), "--out", str(tmp_path / "o.jsonl"), "--max-in-flight", "1"]
     )
-    if lost:
-        assert backfill_command.run(args) == EXIT_FAILURE
-        assert "lost the broker or result backend" in capsys.readouterr().err
-    else:
+    if where == "ready-bug":
         with pytest.raises(RuntimeError, match="dictionary changed size"):
             backfill_command.run(args)
         assert "lost the broker" not in capsys.readouterr().err
+        return
+    assert backfill_command.run(args) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    lost = [line for line in err.splitlines() if "lost the broker" in line]
+    assert len(lost) == 1, err
+    assert lost[0].startswith(
+        "realscore backfill: lost the broker or result backend: Redis (broker or result backend) is unreachable: "
+    )
+    assert "Retry limit" not in err and "resume with" in err
+
+
+def test_polling_and_abandoning_a_queued_chunk_say_broker_unavailable_but_fetching_it_does_not() -> None:
+    """ready() and abandon() end the backfill on an unreachable Redis, as sending does; get()'s
+    failures are the chunk's (the driver retries it) and keep the backend's own error."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from shared import client
+    from shared.backfill_scorers import _TaskHandle
+
+    with pytest.raises(client.BrokerUnavailable):
+        _TaskHandle(_FakeResult(ready=_gave_up())).ready()
+    with pytest.raises(client.BrokerUnavailable):
+        _TaskHandle(_FakeResult(revoke=OperationalError("Error 111 connecting"))).abandon()
+    with pytest.raises(client.BrokerUnavailable):
+        _TaskHandle(_FakeResult(forget=redis.ConnectionError("Error 111 connecting"))).abandon()
+    refused = redis.ConnectionError("Error 111 connecting")
+    with pytest.raises(redis.ConnectionError) as caught:
+        _TaskHandle(_FakeResult(get=refused)).get()
+    assert caught.value is refused
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_result_lost_with_the_backend_counts_as_a_failed_chunk(tmp_path: Path, retries: int) -> None:
+    """The chunk came back (ready) but fetching its rows lost the backend: the chunk failed, its
+    images are retried (or, with no retries left, written with the error as the backend said
+    it); the backfill goes on."""
+    import redis
+
+    from shared.backfill_scorers import _TaskHandle
+
+    class LosesFirstResult(_Scorer):
+        def send(self, uris: list[str]):  # type: ignore[override]
+            handle = super().send(uris)
+            if len(self.sent) > 1:
+                return handle
+            refused = redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            return _TaskHandle(_FakeResult(get=refused, forget=refused))
+
+    scorer = LosesFirstResult("not_found")
+    backfill, output = _driver(tmp_path, scorer, ["a", "b"], retries=retries)
+    backfill.run(_NoInterrupt())  # type: ignore[arg-type]
+    output.close()
+    rows = sorted(read_rows(str(tmp_path / "o.jsonl"), "jsonl"), key=lambda row: row["uri"])
+    assert [row["uri"] for row in rows] == ["a", "b"]
+    if retries:
+        assert scorer.sent == [["a", "b"], ["a", "b"]]
+        assert backfill.progress.retried == 2
+        assert [row["error"]["code"] for row in rows] == ["not_found", "not_found"]
+    else:
+        assert scorer.sent == [["a", "b"]]
+        assert backfill.progress.retried == 0
+        assert all(row["error"]["code"] == "internal" for row in rows)
+        assert all(row["error"]["message"].startswith("the chunk failed: ConnectionError: Error 111") for row in rows)
 
 
 def test_a_broker_lost_while_sending_is_reported_as_lost(

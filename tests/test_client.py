@@ -208,6 +208,28 @@ def test_score_many_tasks_share_one_deadline(monkeypatch: pytest.MonkeyPatch) ->
     assert waits[2] <= 1.0 - 2 * 0.3
 
 
+def test_celerys_given_up_result_consumer_is_broker_unavailable_whatever_its_cause() -> None:
+    """Celery gives up reconnecting with a bare RuntimeError chained from the last of the result
+    backend's connection errors, which include KeyError and any OSError, not only the
+    ConnectionErrors: each is BrokerUnavailable. Other RuntimeErrors and Redis answering with an
+    error (not unreachable) go through unchanged."""
+    import redis
+    from celery.backends.asynchronous import E_RETRY_LIMIT_EXCEEDED
+
+    for cause in (redis.ConnectionError("Error 111"), KeyError("celery-task-meta-x"), TimeoutError("timed out")):
+        with pytest.raises(client.BrokerUnavailable, match="unreachable"):
+            with client.as_broker_unavailable():
+                raise RuntimeError(E_RETRY_LIMIT_EXCEEDED) from cause
+    for other in (
+        RuntimeError("dictionary changed size during iteration"),
+        redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'"),
+    ):
+        with pytest.raises(Exception) as caught:
+            with client.as_broker_unavailable():
+                raise other
+        assert caught.value is other
+
+
 @pytest.mark.integration
 def test_realscore_submit_prints_json_lines(worker, worker_env: dict, images: list[str]) -> None:
     missing = str(Path(images[0]).with_name("nope.png"))
