@@ -312,12 +312,8 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
 ) -> LoadedModel:
-    """Read ``head_weights`` and build the model; every failure is a :class:`ModelLoadError`."""
-    if not Path(head_weights).is_file():
-        raise ModelLoadError(
-            f"head weights not found at {head_weights}: put modelo_final.pth (or a converted "
-            "head.safetensors) there, or point REALSCORE_HEAD_WEIGHTS at it"
-        )
+    """Read ``head_weights`` and build the model; every failure (a missing file included: see
+    :func:`read_checkpoint`) is a :class:`ModelLoadError`."""
     try:
         return build_model(tower_name, read_checkpoint(head_weights), device=device, dtype=dtype)
     except WeightsError as error:
