@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from shared.settings import Settings
@@ -49,10 +50,15 @@ def head_weights_candidates(settings: Settings) -> list[Path]:
 
 def head_weights_path(settings: Settings) -> Path:
     """The head weights file to load; :class:`ModelFilesError` lists the paths tried if none is."""
-    candidates = head_weights_candidates(settings)
-    for path in candidates:
-        if path.is_file():
-            return path
+    return first_head_weights(head_weights_candidates(settings))
+
+
+def first_head_weights(candidates: Sequence[str | Path]) -> Path:
+    """The first of ``candidates`` that is a file. The one place that decides head weights are
+    missing and says so: :class:`ModelFilesError`, listing every path tried and what to do."""
+    for candidate in candidates:
+        if Path(candidate).is_file():
+            return Path(candidate)
     tried = ", ".join(str(path) for path in candidates)
     raise ModelFilesError(
         f"head weights not found (looked at {tried}): put modelo_final.pth (or a converted "

@@ -17,8 +17,9 @@ from shared.cli import main
 from shared.settings import load_settings
 from tests.lifecycle_images import smooth, textured, write_families
 from worker.lifecycle.evaluation import compute_metrics
-from worker.lifecycle.features import FeatureCache, decode_features, encode_features, tower_key
+from worker.lifecycle.features import FeatureCache, decode_features, encode_features
 from worker.model.loader import load_model
+from worker.model.model_string import model_string, tower_key
 from worker.serving.service import ScoringService
 from worker.model.weights import file_sha256
 
@@ -247,3 +248,13 @@ def test_too_few_images_is_a_usage_error(capsys, realscore_env, tmp_path):
 def test_tower_key_ignores_how_the_worker_ran_the_tower():
     assert tower_key("openai/clip+head:0123abcd+fp16+decode:gpu") == "openai/clip"
     assert tower_key("d+head:01+tower:ff00+bf16+decode:exact") == "d+tower:ff00"
+
+
+@pytest.mark.parametrize("tower", ["openai/clip-vit-large-patch14", "/models/x+fp16/clip", "/m/a+head:zz"])
+@pytest.mark.parametrize("tower_sha", [None, "ab" * 32])
+def test_tower_key_reads_what_model_string_writes(tower: str, tower_sha: str | None) -> None:
+    """The one writer of the format and its reader agree, even for a directory with a "+" in it."""
+    weights = model_string(tower, tower_sha=tower_sha)
+    for dtype, decode in (("fp32", "exact"), ("bf16", "gpu"), (None, None)):
+        assert tower_key(model_string(tower, "cd" * 32, tower_sha, dtype, decode)) == weights
+    assert tower_key(tower) == tower

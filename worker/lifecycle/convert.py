@@ -15,7 +15,8 @@ from pathlib import Path
 from shared.cli import EXIT_OK, UsageError
 from shared.settings import get_settings
 from worker.model.headfile import head_metadata, tower_weights_sha256, utc_now, write_weights
-from worker.model.loader import ModelLoadError, align_tower_keys, load_tower, model_id, tower_differs
+from worker.model.loader import ModelLoadError, align_tower_keys, load_tower, tower_differs
+from worker.model.model_string import model_string
 from worker.model.preprocess import Preprocessing
 from worker.serving.service import verdict_rule
 from worker.model.weights import WeightsError, file_sha256, read_checkpoint, tensors_sha256
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     write_weights(out, checkpoint.head, metadata, tower=tower_tensors)
 
     tower_sha = tensors_sha256(tower_tensors) if tower_tensors else None
-    converted_id = model_id(tower_name, checkpoint.head_sha, tower_sha)
+    converted_id = model_string(tower_name, checkpoint.head_sha, tower_sha)
     size_kb = out.stat().st_size / 1024
     if fine_tuned:
         kind = "float16" if args.fp16 else "float32"
@@ -88,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"sha256 {file_sha256(out)}")
     print(f"model {converted_id}")
     if fine_tuned and args.fp16:
-        original = model_id(tower_name, checkpoint.head_sha, tensors_sha256(checkpoint.tower))
+        original = model_string(tower_name, checkpoint.head_sha, tensors_sha256(checkpoint.tower))
         print(f"(the float32 original reports model {original}; float16 scores differ slightly)")
     return EXIT_OK

@@ -20,7 +20,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from shared.usage import EXIT_OK
 from worker.model.headfile import head_metadata, tower_weights_sha256, write_weights
-from worker.model.loader import model_id
+from worker.model.model_string import model_string
 from worker.model.preprocess import Preprocessing
 from worker.model.weights import tensors_sha256
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     head = load_file(str(head_path))
     print(
         f"wrote a demo model to {out}: {DEMO_NOTE}, for trying realscore only; its results' "
-        f"model string starts {model_id(str(tower_dir), tensors_sha256(head))}.\n"
+        f"model string starts {model_string(str(tower_dir), tensors_sha256(head))}.\n"
         "Set these variables (or run: eval \"$(realscore demo-model --out "
         f"{shlex.quote(args.out)})\"):",
         file=sys.stderr,

@@ -3,8 +3,9 @@
 Features travel from the workers (``realscore.embed``) as base64 of little-endian float16: 2 KB
 per ViT-L/14 image instead of ~20 KB of JSON floats. The cache is one SQLite file per tower,
 keyed by the image's content sha256, so renamed or copied files are not extracted twice and
-re-training is seconds. The tower key is the worker's ``model`` string without its ``+head:``
-part: features depend on the tower (and its weights), not on whichever head is loaded.
+re-training is seconds. The tower key (:func:`worker.model.model_string.tower_key`) is the worker's
+``model`` string without its head and how the worker ran the tower: features depend on the tower
+(and its weights), not on whichever head is loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import re
 import sqlite3
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 
 _WIRE_DTYPE = np.dtype("<f2")
-# The head, and how the worker ran the tower (dtype, preprocessing mode): a head trains on any.
-_HEAD_PART = re.compile(r"\+head:[0-9a-f]+|\+(?:fp32|fp16|bf16)\b|\+decode:[a-z]+")
 
 
 def encode_features(features: np.ndarray) -> str:
@@ -36,12 +34,6 @@ def decode_features(text: str, dim: int) -> np.ndarray:
     if len(raw) != dim * _WIRE_DTYPE.itemsize:
         raise ValueError(f"features hold {len(raw)} bytes, expected {dim} float16 values")
     return np.frombuffer(raw, dtype=_WIRE_DTYPE).astype(np.float32)
-
-
-def tower_key(model: str) -> str:
-    """``tower+head:abc[+tower:def][+fp16+decode:gpu]`` -> ``tower[+tower:def]``: what the
-    features depend on."""
-    return _HEAD_PART.sub("", model)
 
 
 def default_cache_dir() -> Path:

@@ -35,10 +35,10 @@ from shared.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from shared.usage import model_stopped
 from shared.settings import Settings, get_settings
 from worker.lifecycle.evaluation import compute_metrics, format_table, other
-from worker.lifecycle.features import FeatureCache, decode_features, default_cache_dir, tower_key
+from worker.lifecycle.features import FeatureCache, decode_features, default_cache_dir
 from worker.lifecycle.folders import LabelledFile, labelled_files
 from worker.model.headfile import head_metadata, utc_now, write_weights
-from worker.model.loader import model_id
+from worker.model.model_string import model_string, tower_key
 from worker.model.weights import file_sha256, tensors_sha256
 from worker.serving.batcher import ModelBroken
 
@@ -304,13 +304,13 @@ def run(args: argparse.Namespace) -> int:
     means = args.high_score_means or settings.high_score_means
     files = labelled_files(args.real, args.ai)
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    with FeatureCache(cache_dir, tower_key(tower_name)) as cache:
+    with FeatureCache(cache_dir, tower_name) as cache:  # a tower name is its own tower key
         if args.via_queue:
             extract = lambda paths: _queue_extract(paths, args.timeout)  # noqa: E731
         else:
             extract = lambda paths: _LocalExtractor(settings, tower_name, args.batch_size)(paths)  # noqa: E731
         try:
-            usable, features, errors = gather_features(files, tower_key(tower_name), cache, extract)
+            usable, features, errors = gather_features(files, tower_name, cache, extract)
         except ModelBroken as error:  # a sticky device error mid-extraction: one line, not a traceback
             print(model_stopped("train", error, "no head was written"), file=sys.stderr)
             return EXIT_FAILURE
@@ -383,5 +383,5 @@ def run(args: argparse.Namespace) -> int:
     out = write_weights(args.out, head, metadata)
     print(f"\nwrote {out} (score above 0 means {means}; {other(means)} at or below)")
     print(f"sha256 {file_sha256(out)}")
-    print(f"model {model_id(tower_name, tensors_sha256(head))}")
+    print(f"model {model_string(tower_name, tensors_sha256(head))}")
     return EXIT_OK

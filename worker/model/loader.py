@@ -1,8 +1,8 @@
 """Builds the ready-to-serve model: tower from the hub id or a local dir, head from a weights file.
 
 Tower weights inside the checkpoint override the pretrained ones when they differ (a fine-tuned
-tower). The ``model`` string every result carries names the tower, a short hash of the head, and a
-hash of the tower when it came from the checkpoint.
+tower). The ``model`` string every result carries (:mod:`worker.model.model_string`) names the
+tower, a short hash of the head, and a hash of the tower when it came from the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers.utils import logging as transformers_logging
 from shared.model_files import is_hub_id
 from worker.model.headfile import tower_fingerprint, tower_weights_sha256
 from worker.model.model import RealScoreModel
+from worker.model.model_string import DTYPE_NAMES, model_string
 from worker.model.preprocess import Preprocessing
 from worker.model.weights import Checkpoint, WeightsError, read_checkpoint, tensors_sha256
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 # transformers draws a "Loading weights" bar for every load: noise in every command and worker log.
 transformers_logging.disable_progress_bar()
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DTYPE_NAMES = dict(zip((torch.float32, torch.float16, torch.bfloat16), DTYPE_NAMES, strict=True))
 
 
 class ModelLoadError(RuntimeError):
@@ -49,10 +50,11 @@ class Launched:
 class LoadedModel:
     model: RealScoreModel
     preprocessing: Preprocessing
-    model_id: str
     device: torch.device
     dtype: torch.dtype
     tower_name: str
+    head_sha: str
+    tower_sha: str | None = None  # the checkpoint's tower weights, when they replaced the tower's
     head_metadata: dict[str, str] = field(default_factory=dict)
     compiled_sizes: tuple[int, ...] = ()
     _features: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -116,10 +118,17 @@ class LoadedModel:
                 self.collect(self.launch(torch.zeros((size, *shape), device=self.device)))
             log.info("compiled the tower for batch %d in %.1f s", size, time.monotonic() - started)
 
+    @property
+    def model_id(self) -> str:
+        """The weights' part of the ``model`` string: tower and head (convert and train print it)."""
+        return model_string(self.tower_name, self.head_sha, self.tower_sha)
+
     def result_model(self, decode_mode: str) -> str:
         """The ``model`` string results carry: weights, dtype and preprocessing mode, since each
         changes the score (fp32 CPU and fp16 GPU results must not pass for one another)."""
-        return f"{self.model_id}+{_DTYPE_NAMES[self.dtype]}+decode:{decode_mode}"
+        return model_string(
+            self.tower_name, self.head_sha, self.tower_sha, _DTYPE_NAMES[self.dtype], decode_mode
+        )
 
 
 def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -259,11 +268,6 @@ def check_tower_weights(checkpoint: Checkpoint, tower: CLIPVisionModel, tower_na
         )
 
 
-def model_id(tower_name: str, head_sha: str, tower_sha: str | None = None) -> str:
-    ident = f"{tower_name}+head:{head_sha[:12]}"
-    return f"{ident}+tower:{tower_sha[:12]}" if tower_sha else ident
-
-
 def build_model(
     tower_name: str,
     checkpoint: Checkpoint,
@@ -297,10 +301,11 @@ def build_model(
     return LoadedModel(
         model=model,
         preprocessing=preprocessing,
-        model_id=model_id(tower_name, checkpoint.head_sha, tower_sha),
         device=target,
         dtype=precision,
         tower_name=tower_name,
+        head_sha=checkpoint.head_sha,
+        tower_sha=tower_sha,
         head_metadata=dict(checkpoint.metadata),
     )
 
@@ -312,12 +317,8 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
 ) -> LoadedModel:
-    """Read ``head_weights`` and build the model; every failure is a :class:`ModelLoadError`."""
-    if not Path(head_weights).is_file():
-        raise ModelLoadError(
-            f"head weights not found at {head_weights}: put modelo_final.pth (or a converted "
-            "head.safetensors) there, or point REALSCORE_HEAD_WEIGHTS at it"
-        )
+    """Read ``head_weights`` and build the model; every failure (a missing file included: see
+    :func:`read_checkpoint`) is a :class:`ModelLoadError`."""
     try:
         return build_model(tower_name, read_checkpoint(head_weights), device=device, dtype=dtype)
     except WeightsError as error:

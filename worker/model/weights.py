@@ -19,6 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from shared.model_files import ModelFilesError, first_head_weights
+
 HEAD_KEYS = ("linear.weight", "linear.bias")
 TOWER_PREFIX = "clip_encoder."
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
@@ -96,10 +98,12 @@ def _split(state: Mapping[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a seed ``.pth`` (dict with ``model_state_dict``) or a safetensors head."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+    """Read a seed ``.pth`` (dict with ``model_state_dict``) or a safetensors head; a missing file
+    is refused as :func:`shared.model_files.first_head_weights` words it."""
+    try:
+        path = first_head_weights([path])
+    except ModelFilesError as error:
+        raise WeightsError(str(error)) from None
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path), device="cpu")
