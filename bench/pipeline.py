@@ -103,7 +103,7 @@ class PrivateRedis:
 class BenchWorker:
     """``realscore worker --procs-per-gpu P`` as a subprocess, its metrics on consecutive ports."""
 
-    def __init__(self, env: dict[str, str], procs: int, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], procs: int, log_path: Path, cwd: Path = ROOT) -> None:
         self.metrics_port = free_port() if procs == 1 else _free_run(procs)
         self.env = {**env, "REALSCORE_METRICS_PORT": str(self.metrics_port)}
         self.procs = procs
@@ -114,7 +114,7 @@ class BenchWorker:
         if procs > 1:
             command[4:4] = ["--procs-per-gpu", str(procs)]
         self.process = subprocess.Popen(
-            command, env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            command, env=self.env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

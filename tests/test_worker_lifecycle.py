@@ -155,8 +155,11 @@ def test_worker_arguments_put_the_callers_last() -> None:
 # Attempts -----------------------------------------------------------------------------------
 
 
-def test_attempt_counter_counts_expires_and_forgets() -> None:
-    store = fakeredis.FakeRedis()
+def test_attempt_counter_counts_expires_and_forgets(redis_url: str) -> None:
+    import redis
+
+    store = redis.Redis.from_url(redis_url)  # real Redis: forgetting is a Lua script
+    store.delete(*(KEY_PREFIX + name + suffix for name in "ab" for suffix in ("", ":at", ":poison")))
     counter = AttemptCounter(store, max_attempts=2, ttl_seconds=600)
     assert [counter.record("a") for _ in range(3)] == [1, 2, 3]
     assert counter.record("b") == 1  # per task id
@@ -165,8 +168,10 @@ def test_attempt_counter_counts_expires_and_forgets() -> None:
     assert 0 < store.ttl(KEY_PREFIX + "a") <= 600  # a crashed worker's count does not live forever
     counter.done("a", 2)  # delivery 2 ends while delivery 3 still runs: its count stays
     assert int(store.get(KEY_PREFIX + "a")) == 3
+    counter.mark("a", 0)
+    store.sadd(KEY_PREFIX + "a:poison", 1)
     counter.done("a", 3)
-    assert store.get(KEY_PREFIX + "a") is None
+    assert not store.exists(KEY_PREFIX + "a", KEY_PREFIX + "a:at", KEY_PREFIX + "a:poison")
     assert counter.record("a") == 1
     counter.hand_back("b")  # a broken worker gave it back: that delivery does not count
     assert int(store.get(KEY_PREFIX + "b")) == 0
