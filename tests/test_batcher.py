@@ -371,3 +371,37 @@ def test_an_outcome_waited_for_with_a_deadline_already_past_times_out_at_once() 
     finally:
         outcome.set_result("late")  # frees a waiter that hung
     assert outcome.result(timeout=-1) == "late"  # resolved: no wait at all
+
+
+def test_the_warm_up_runs_on_the_thread_every_forward_runs_on() -> None:
+    """A compiled model's CUDA graphs belong to the thread that recorded them: the warm-up
+    (compile) runs on the batcher thread, before any item, and start() waits for it."""
+    threads: dict[str, threading.Thread] = {}
+    order: list[str] = []
+
+    def warm_up() -> None:
+        threads["warm_up"] = threading.current_thread()
+        order.append("warm_up")
+
+    def forward(items: list[object]) -> list[object]:
+        threads["forward"] = threading.current_thread()
+        order.append("forward")
+        return items
+
+    batcher = DynamicBatcher(forward, max_batch_size=4, max_wait_s=0.001).start(warm_up)
+    try:
+        assert order == ["warm_up"]  # start() returned after it, before any forward
+        assert batcher.submit("x").result(timeout=10) == "x"
+        assert threads["warm_up"] is threads["forward"] is not threading.current_thread()
+    finally:
+        batcher.stop(10)
+
+
+def test_a_failing_warm_up_fails_start() -> None:
+    def warm_up() -> None:
+        raise RuntimeError("compile failed")
+
+    batcher = DynamicBatcher(lambda items: items, max_batch_size=4, max_wait_s=0.001)
+    with pytest.raises(RuntimeError, match="compile failed"):
+        batcher.start(warm_up)
+    assert batcher.stop(10)  # nothing left running

@@ -236,3 +236,29 @@ def test_score_many_answers_a_stalled_file_by_its_deadline_and_scores_the_rest(
         release.set()
         service.stop()
     wait_until(lambda: deadlines.abandoned_count() == 0, 10, "the stuck lane thread done")
+
+
+def test_the_model_is_compiled_on_the_thread_that_runs_it(
+    loaded_model, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REALSCORE_COMPILE warms the model up on the batcher thread, before any task: CUDA graphs
+    (reduce-overhead) recorded on another thread would be recorded again on traffic."""
+    compiled_on: list[threading.Thread] = []
+    forward_on: list[threading.Thread] = []
+    real_launch = loaded_model.launch
+
+    def launch(*args: object, **kwargs: object) -> object:
+        forward_on.append(threading.current_thread())
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(loaded_model, "compile", lambda mode, sizes: compiled_on.append(threading.current_thread()))
+    monkeypatch.setattr(loaded_model, "launch", launch)
+    settings = load_settings(max_batch_size=4, max_wait_ms=1, compile="default")
+    service = ScoringService(loaded_model, settings, local_roots=None).start()
+    try:
+        assert len(compiled_on) == 1 and not forward_on  # compiled before start() returned
+        assert all(r["ok"] for r in service.score_uris([str(p) for p in sorted(image_dir.glob("*.png"))]))
+        assert compiled_on[0] is service.batcher._thread
+        assert set(forward_on) == {service.batcher._thread}
+    finally:
+        service.stop()

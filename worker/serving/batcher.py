@@ -184,7 +184,11 @@ class DynamicBatcher(Generic[Item, Output]):
         self._cond = threading.Condition()
         self._stopping = False
         self._flushing = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._warm_up: Callable[[], None] | None = None
+        self._warm_up_error: BaseException | None = None
+        self._warmed = threading.Lock()  # held until the warm-up has run
+        self._warmed.acquire()
         self.batches_run = 0
         self._on_broken = on_broken
         self._broken_after = broken_after
@@ -198,13 +202,32 @@ class DynamicBatcher(Generic[Item, Output]):
         self._in_flight: deque[_Launched] = deque()
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
 
-    def start(self) -> DynamicBatcher[Item, Output]:
+    def start(self, warm_up: Callable[[], None] | None = None) -> DynamicBatcher[Item, Output]:
+        """Start batching. ``warm_up`` (compiling the model) runs first, on the batcher thread,
+        the thread every forward runs on: the CUDA graphs of ``torch.compile``'s
+        ``reduce-overhead`` mode belong to the thread that recorded them, and a graph recorded
+        elsewhere would be recorded again on traffic. Returns once it has run; raises its error."""
         # Read when metrics are scraped, not set under the lock on every submit and batch.
         metrics.BATCHER_QUEUED.set_function(self._queued)
+        self._warm_up = warm_up
         self._thread.start()
+        self._warmed.acquire()  # a compile takes as long as it takes: start-up waits for it
+        if self._warm_up_error is not None:
+            raise self._warm_up_error
         if self._forward_timeout_s:
             self._watchdog.start()
         return self
+
+    def _main(self) -> None:
+        try:
+            if self._warm_up is not None:
+                self._warm_up()
+        except BaseException as error:  # noqa: BLE001 - start() raises it on its own thread
+            self._warm_up_error = error
+            return
+        finally:
+            self._warmed.release()
+        self._run()
 
     def submit(
         self,

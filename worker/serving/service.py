@@ -161,9 +161,11 @@ class ScoringService:
 
     def start(self) -> ScoringService:
         """Compile and warm up (``REALSCORE_COMPILE``) before taking work, then start batching."""
+        warm_up = None
         if self.settings.compile != "off" and not self.loaded.compiled_sizes:
-            self.loaded.compile(self.settings.compile, compile_sizes(self.batcher.max_batch_size))
-        self.batcher.start()
+            sizes = compile_sizes(self.batcher.max_batch_size)
+            warm_up = lambda: self.loaded.compile(self.settings.compile, sizes)  # noqa: E731
+        self.batcher.start(warm_up)  # on the batcher thread, where every forward runs
         return self
 
     def stop(self, broken_timeout: float = 10.0) -> bool:
