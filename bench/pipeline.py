@@ -213,11 +213,14 @@ def model_alone(loaded, paths: list[str], batch: int, seconds: float) -> tuple[f
             return done / elapsed, done
 
 
-def in_process(loaded, settings, paths: list[str]) -> tuple[float, float]:
-    """(images/s, mean batch) of one ``ScoringService`` scoring ``paths`` from its thread pool."""
+def in_process(loaded, settings, paths: list[str]) -> tuple[float, float, float]:
+    """(images/s, mean batch, seconds to start: a compile's included) of one ``ScoringService``
+    scoring ``paths`` from its thread pool."""
     from worker.serving.service import ScoringService
 
+    began = time.perf_counter()
     service = ScoringService(loaded, settings, local_roots=None).start()
+    start_s = time.perf_counter() - began
     try:
         service.score_uris(paths[: 2 * settings.max_batch_size])  # warm-up
         batches = service.batcher.batches_run
@@ -228,7 +231,7 @@ def in_process(loaded, settings, paths: list[str]) -> tuple[float, float]:
     finally:
         service.stop()
     _check(results)
-    return len(paths) / elapsed, len(paths) / max(batches, 1)
+    return len(paths) / elapsed, len(paths) / max(batches, 1), start_s
 
 
 def _check(results: list[dict]) -> None:
@@ -367,8 +370,11 @@ def main() -> None:
                     break
                 settings = settings_for(mode, args)
                 if "ii" not in skip:
-                    rate, mean = in_process(loaded, settings, paths)
-                    table.row("(ii) ScoringService, in process", mode, 1, len(paths), rate, "-", "-", f"{mean:.1f}")
+                    rate, mean, start_s = in_process(loaded, settings, paths)
+                    label = "(ii) ScoringService, in process"
+                    if args.compile != "off":  # compiled by start(), on the batcher thread
+                        label += f", compiled {args.compile} ({start_s:.0f} s to start)"
+                    table.row(label, mode, 1, len(paths), rate, "-", "-", f"{mean:.1f}")
                 if redis_server is None:
                     continue
                 for procs in procs_list:
