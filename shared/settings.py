@@ -58,8 +58,10 @@ class Settings(BaseSettings):
     decode: Literal["auto", "exact", "tensor", "gpu"] = Field(
         "auto", description="preprocessing mode; auto: gpu on CUDA with torchvision, else exact"
     )
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
-        "off", description="torch.compile mode for the tower, warmed up at start over fixed batch sizes"
+    compile: Literal["off", "cuda-graphs", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off",
+        description="cuda-graphs: the tower captured as CUDA graphs; else a torch.compile mode; "
+        "either way warmed up at start over fixed batch sizes",
     )
 
     # Batching and worker threads.

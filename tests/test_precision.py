@@ -92,6 +92,28 @@ def test_a_compiled_tower_pads_to_its_fixed_sizes_and_scores_as_eager(
 
 
 @pytest.mark.gpu
+def test_cuda_graphs_pad_to_their_sizes_score_as_eager_and_never_sync_the_host(
+    tiny_clip_dir: Path, seed_checkpoint: Path, photos
+) -> None:
+    loaded = load_model(str(tiny_clip_dir), seed_checkpoint, device="cuda", dtype="float16")
+    pixels = torch.stack([loaded.preprocessing(decode(p.read_bytes(), max_pixels=10**9)) for p in photos])
+    eager = loaded.score(pixels[:3])
+    loaded.compile("cuda-graphs", [2, 4])
+    assert loaded.compiled_sizes == (2, 4)
+    device_pixels = pixels[:3].to("cuda", torch.float16)
+    torch.cuda.set_sync_debug_mode("error")  # a replay only queues work
+    try:
+        launched = loaded.launch(device_pixels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loaded.collect(launched)[0] == pytest.approx(eager, abs=1e-3)  # 3 images, graph of 4
+    first = loaded.launch(device_pixels[:2])  # two batches in flight, one graph: in stream order
+    second = loaded.launch(device_pixels[1:3])
+    assert loaded.collect(first)[0] == pytest.approx(eager[:2], abs=1e-3)
+    assert loaded.collect(second)[0] == pytest.approx(eager[1:3], abs=1e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode_name", ["exact", "tensor"])
 def test_staging_a_batch_never_waits_for_the_device(
     tiny_clip_dir: Path, seed_checkpoint: Path, photos, mode_name: str

@@ -262,3 +262,11 @@ def test_the_model_is_compiled_on_the_thread_that_runs_it(
         assert set(forward_on) == {service.batcher._thread}
     finally:
         service.stop()
+
+
+def test_cuda_graphs_on_a_cpu_model_is_a_one_line_start_error(loaded_model) -> None:
+    from worker.model.loader import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"REALSCORE_COMPILE=cuda-graphs needs a CUDA device") as caught:
+        ScoringService(loaded_model, load_settings(compile="cuda-graphs"), local_roots=None)
+    assert "\n" not in str(caught.value)

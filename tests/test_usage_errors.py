@@ -210,3 +210,15 @@ def test_default_weights_are_found_in_the_checkout_from_another_folder(
     monkeypatch.setenv("REALSCORE_HEAD_WEIGHTS", "weights/modelo_final.pth")
     with pytest.raises(model_files.ModelFilesError, match=str(elsewhere / "weights")):
         model_files.head_weights_path(load_settings())
+
+
+@pytest.mark.parametrize("command", [["worker"], ["score", "x.png"]])
+def test_cuda_graphs_on_a_cpu_exit_2_from_worker_and_score_alike(
+    command: list[str], tiny_clip_dir: Path, seed_checkpoint: Path
+) -> None:
+    env = {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint),
+           "REALSCORE_DEVICE": "cpu", "REALSCORE_COMPILE": "cuda-graphs", "TRANSFORMERS_OFFLINE": "1"}
+    done = _realscore(command, env)
+    assert done.returncode == 2, done.stderr
+    assert "REALSCORE_COMPILE=cuda-graphs needs a CUDA device" in done.stderr
+    assert "Traceback" not in done.stderr

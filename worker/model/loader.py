@@ -19,6 +19,7 @@ from transformers import CLIPVisionModel
 from transformers.utils import logging as transformers_logging
 
 from shared.model_files import is_hub_id
+from worker.model.graphs import GraphedTower
 from worker.model.headfile import tower_fingerprint, tower_weights_sha256
 from worker.model.model import RealScoreModel
 from worker.model.model_string import DTYPE_NAMES, model_string
@@ -107,9 +108,20 @@ class LoadedModel:
 
     def compile(self, mode: str, batch_sizes: Sequence[int], *, backend: str = "inductor") -> None:
         """``torch.compile`` the tower for these fixed batch sizes and run each once now, so
-        traffic never triggers a compile (batches are padded up to the next size)."""
-        compiled = torch.compile(self.model.features, mode=mode, dynamic=False, backend=backend)
+        traffic never triggers a compile (batches are padded up to the next size); or, for
+        ``cuda-graphs``, capture it as one CUDA graph per size (:mod:`worker.model.graphs`)."""
         shape = self.preprocessing.output_shape
+        if mode == "cuda-graphs":
+            if self.device.type != "cuda":
+                raise ModelLoadError(f"REALSCORE_COMPILE=cuda-graphs needs a CUDA device, not {self.device}")
+            started = time.monotonic()
+            with torch.inference_mode():
+                graphed = GraphedTower(self.model.features, batch_sizes, shape, self.device, self.dtype)
+            self.compiled_sizes, self._features = graphed.sizes, graphed
+            log.info("captured the tower as CUDA graphs for batches %s in %.1f s",
+                     list(graphed.sizes), time.monotonic() - started)
+            return
+        compiled = torch.compile(self.model.features, mode=mode, dynamic=False, backend=backend)
         self.compiled_sizes = tuple(sorted(set(batch_sizes)))
         self._features = compiled
         for size in self.compiled_sizes:

@@ -53,7 +53,7 @@ def start_service(
         raise UsageError(str(error)) from None
     try:
         return ScoringService(loaded, settings, local_roots=None, max_batch_size=batch_size).start()
-    except DecodeModeError as error:
+    except (DecodeModeError, ModelLoadError) as error:  # e.g. cuda-graphs on a CPU
         raise UsageError(str(error)) from None
 
 

@@ -166,7 +166,7 @@ def serve(settings: Settings, extra: list[str]) -> int:
         service = ScoringService(
             loaded, settings, local_roots=settings.local_roots, on_broken=stop_consuming
         ).start()
-    except DecodeModeError as error:
+    except (DecodeModeError, ModelLoadError) as error:  # e.g. cuda-graphs on a CPU
         print(f"realscore worker: {error}", file=sys.stderr)
         return EXIT_USAGE
     log.info("results are stamped %s", service.results.model)
