@@ -66,12 +66,18 @@ def test_cuda_default_fp16_gpu_decode_stays_near_the_seed(
     assert max(abs(r["score"] - ref) for r, ref in zip(results, reference)) <= 2e-2
 
 
+def _model_and_pixels(tiny_clip_dir: Path, seed_checkpoint: Path, photos, device: str, dtype: str):
+    """The tiny model on ``device`` and the photos preprocessed as the seed does, on the CPU."""
+    loaded = load_model(str(tiny_clip_dir), seed_checkpoint, device=device, dtype=dtype)
+    pixels = torch.stack([loaded.preprocessing(decode(p.read_bytes(), max_pixels=10**9)) for p in photos])
+    return loaded, pixels
+
+
 @pytest.mark.gpu
 def test_cuda_fp16_exact_decode_stays_near_the_seed(
     tiny_clip_dir: Path, seed_checkpoint: Path, photos, reference
 ) -> None:
-    loaded = load_model(str(tiny_clip_dir), seed_checkpoint, device="cuda", dtype="float16")
-    pixels = torch.stack([loaded.preprocessing(decode(p.read_bytes(), max_pixels=10**9)) for p in photos])
+    loaded, pixels = _model_and_pixels(tiny_clip_dir, seed_checkpoint, photos, "cuda", "float16")
     scores = loaded.score(pixels)
     assert max(abs(s - ref) for s, ref in zip(scores, reference)) <= 5e-3
 
@@ -79,8 +85,7 @@ def test_cuda_fp16_exact_decode_stays_near_the_seed(
 def test_a_compiled_tower_pads_to_its_fixed_sizes_and_scores_as_eager(
     tiny_clip_dir: Path, seed_checkpoint: Path, photos
 ) -> None:
-    loaded = load_model(str(tiny_clip_dir), seed_checkpoint, device="cpu", dtype="float32")
-    pixels = torch.stack([loaded.preprocessing(decode(p.read_bytes(), max_pixels=10**9)) for p in photos])
+    loaded, pixels = _model_and_pixels(tiny_clip_dir, seed_checkpoint, photos, "cpu", "float32")
     eager = loaded.score(pixels[:3])
     calls: list[int] = []
     loaded.compile("default", [2, 4], backend="eager")  # eager backend: dynamo without a compiler
@@ -95,8 +100,7 @@ def test_a_compiled_tower_pads_to_its_fixed_sizes_and_scores_as_eager(
 def test_cuda_graphs_pad_to_their_sizes_score_as_eager_and_never_sync_the_host(
     tiny_clip_dir: Path, seed_checkpoint: Path, photos
 ) -> None:
-    loaded = load_model(str(tiny_clip_dir), seed_checkpoint, device="cuda", dtype="float16")
-    pixels = torch.stack([loaded.preprocessing(decode(p.read_bytes(), max_pixels=10**9)) for p in photos])
+    loaded, pixels = _model_and_pixels(tiny_clip_dir, seed_checkpoint, photos, "cuda", "float16")
     eager = loaded.score(pixels[:3])
     loaded.compile("cuda-graphs", [2, 4])
     assert loaded.compiled_sizes == (2, 4)
