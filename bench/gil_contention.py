@@ -131,7 +131,10 @@ def main() -> None:
             "| --- | ---: | ---: |",
         ]
         print("\n".join(lines), flush=True)
-        rows = []
+        out = args.out.open("a") if args.out is not None else None
+        if out is not None:  # each row as it is measured: a time cap keeps what was done
+            out.write("\n".join(lines) + "\n")
+            out.flush()
         for label, busy, counts in (("none", None, [0]),
                                     *[(kind, fn, [int(k) for k in args.busy.split(",")])
                                       for kind, fn in (("in C, GIL released", _c_busy),
@@ -148,11 +151,12 @@ def main() -> None:
                     stop.set()
                     for thread in threads:
                         thread.join()
-                rows.append(row)
                 print(row, flush=True)
-    if args.out is not None:
-        with args.out.open("a") as out:
-            out.write("\n".join(lines + rows) + "\n")
+                if out is not None:
+                    out.write(row + "\n")
+                    out.flush()
+    if out is not None:
+        out.close()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 # appended to OUTDIR/pipeline.md the moment they are measured (a time-out keeps what was done):
 #   model      (i)  model alone as the worker runs it (launch + collect), eager, batch 32/64/128
 #   service32  (ii) ScoringService, one process, gpu mode, MAX_BATCH_SIZE 32
-#   gil        bench/gil_contention.py: the forward, eager and as one CUDA graph, against 1/4/16
+#   gil        bench/gil_contention.py: the forward, eager and as one CUDA graph, against 1 and 4
 #                   threads busy in Python (GIL held) or in C (GIL released) (-> gil.md)
 #   servicegraphs (ii) as service32 with REALSCORE_COMPILE=cuda-graphs (plain CUDA graph capture,
 #                   seconds at start): eager, every torch op of the forward releases and retakes
@@ -136,8 +136,8 @@ K=$KEEP_FOR_PYTEST
 
 step model 100 "$K" "${PIPE[@]}" --skip ii,iii,iv --model-batches 32,64,128
 step service32 50 "$K" "${PIPE[@]}" --decode gpu --skip i,iii,iv --batch 32
-step gil 45 "$K" "$PY" bench/gil_contention.py --tower "$TOWER" --device "$DEVICE" --batch 32 \
-    --busy 1,4,16 --data "$DATA" --out "$OUTDIR/gil.md"
+step gil 60 "$K" "$PY" bench/gil_contention.py --tower "$TOWER" --device "$DEVICE" --batch 32 \
+    --busy 1,4 --repeats 5 --data "$DATA" --out "$OUTDIR/gil.md"
 step servicegraphs 60 "$K" "${PIPE[@]}" --decode gpu --skip i,iii,iv --batch 32 --compile cuda-graphs
 step workergraphs 120 "$K" "${PIPE[@]}" --decode gpu --procs-per-gpu 1,4 --skip i,ii --compile cuda-graphs
 step worker 200 "$K" "${PIPE[@]}" --decode gpu --procs-per-gpu "$WORKER_PROCS" --skip i,ii
