@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         ge=1 << 20,
         description="image bytes in flight per worker process; default max(1 GiB, 128 MiB x cores)",
     )
+    max_fetch_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="fetched (compressed) bytes per worker process from before their read until "
+        "their decode is counted; default max(512 MiB, 2 x MAX_IMAGE_BYTES)",
+    )
     bulk_task_slots: int = Field(
         4, ge=1, le=4096, description="bulk chunks one worker process works on at once"
     )
@@ -149,6 +155,12 @@ class Settings(BaseSettings):
         """The pixel budget: room for a rotated 12-MP JPEG decode per core (~105 MiB with its
         compressed bytes), and never under 1 GiB."""
         return self.max_pending_bytes or max(1 << 30, (os.cpu_count() or 1) * (128 << 20))
+
+    @property
+    def fetch_bytes(self) -> int:
+        """The fetch budget: room for two of the largest files at least, so one never waits
+        alone behind the cap."""
+        return self.max_fetch_bytes or max(512 << 20, 2 * self.max_image_bytes)
 
     @property
     def task_concurrency(self) -> int:

@@ -126,3 +126,26 @@ def test_a_held_share_survives_its_decode_block_shrinks_and_releases_once() -> N
         with held.hold(30):
             raise RuntimeError("decode failed")
     assert budget.in_use == 0 and held.taken == 0
+
+
+def test_a_fetch_hold_gives_back_what_it_reserves_even_after_its_release() -> None:
+    """A fetch helper whose caller gave up at the deadline may reserve after the caller released:
+    those bytes go straight back instead of being held for ever."""
+    import time
+
+    from worker.serving.budget import FetchHold, SharedBudget
+
+    budget = SharedBudget(1000)
+    hold = FetchHold(budget)
+    hold.reserve(300, time.monotonic() + 5)
+    assert budget.in_use == 300
+    hold.release()
+    assert budget.in_use == 0
+    hold.reserve(200, time.monotonic() + 5)  # late: given back at once
+    assert budget.in_use == 0
+    blocker = FetchHold(budget)
+    blocker.reserve(1000, time.monotonic() + 5)
+    with pytest.raises(TimeoutError):
+        FetchHold(budget).reserve(1, time.monotonic() + 0.05)  # waits no longer than the deadline
+    blocker.release()
+    assert budget.in_use == 0

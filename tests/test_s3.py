@@ -258,3 +258,24 @@ def test_scoring_service_pools_a_connection_per_fetching_thread(loaded_model, s3
         assert pool >= fetch_threads
     finally:
         service.stop()
+
+
+def test_an_objects_declared_size_is_reserved_before_its_body_is_read(
+    s3_endpoint: str, s3, bucket: Bucket
+) -> None:
+    from shared.errors import ErrorCode, ScoringError
+
+    data = bytes(range(256)) * 40
+    s3.put_object(Bucket=bucket.name, Key="reserve/a.bin", Body=data)
+    reserved: list[int] = []
+    sources = _sources(s3_endpoint)
+    assert sources.fetch(bucket.uri("reserve/a.bin"), lambda size, deadline: reserved.append(size)) == data
+    assert reserved == [len(data)]
+
+    def full(size: int, deadline: float) -> None:
+        raise TimeoutError("no room")
+
+    with pytest.raises(ScoringError) as caught:
+        sources.fetch(bucket.uri("reserve/a.bin"), full)
+    assert caught.value.code is ErrorCode.FETCH_TIMEOUT
+    assert "REALSCORE_MAX_FETCH_BYTES" in caught.value.message

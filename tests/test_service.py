@@ -270,3 +270,27 @@ def test_cuda_graphs_on_a_cpu_model_is_a_one_line_start_error(loaded_model) -> N
     with pytest.raises(ModelLoadError, match=r"REALSCORE_COMPILE=cuda-graphs needs a CUDA device") as caught:
         ScoringService(loaded_model, load_settings(compile="cuda-graphs"), local_roots=None)
     assert "\n" not in str(caught.value)
+
+
+def test_fetched_bytes_are_counted_until_their_decode_is_and_always_given_back(
+    loaded_model, image_dir: Path, tmp_path: Path
+) -> None:
+    """REALSCORE_MAX_FETCH_BYTES: a read waits for room (and ends in fetch_timeout at its
+    deadline); whatever happens to an image, its fetched bytes are given back."""
+    (tmp_path / "notes.png").write_bytes(b"not an image at all")
+    images = [str(path) for path in sorted(image_dir.glob("*.png"))]
+    uris = [*images, str(tmp_path / "notes.png"), str(tmp_path / "missing.png")]
+    settings = load_settings(max_batch_size=4, max_wait_ms=1, fetch_timeout=0.5, max_fetch_bytes=1 << 20)
+    service = ScoringService(loaded_model, settings, local_roots=None).start()
+    try:
+        results = service.score_uris(uris)
+        assert [r["ok"] for r in results] == [True] * len(images) + [False, False]
+        assert service.fetch_budget.in_use == 0
+        taken = service.fetch_budget.acquire(1 << 20)  # the whole fetch budget, held elsewhere
+        waiting = service.score_uri(images[0])
+        assert waiting["error"]["code"] == "fetch_timeout", waiting
+        assert "REALSCORE_MAX_FETCH_BYTES" in waiting["error"]["message"]
+        service.fetch_budget.release(taken)
+        assert service.score_uri(images[0])["ok"] and service.fetch_budget.in_use == 0
+    finally:
+        service.stop()

@@ -1,4 +1,5 @@
-"""A counting semaphore over bytes: bounds the decoded pixels one worker process holds at once.
+"""A counting semaphore over bytes: bounds the decoded pixels one worker process holds at once
+(and, as a second budget, the fetched bytes not yet counted there).
 
 A burst of 12-megapixel images on a hundred task threads would otherwise decode them all at once.
 Waiters are served first come, first served, so a large image is not starved by a stream of
@@ -9,6 +10,7 @@ deadlocks.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,4 +151,37 @@ class Held:
     def release(self) -> None:
         """Give everything back; a second call gives back nothing."""
         taken, self._taken = self._taken, (0, 0)
+        self._budget.release(taken)
+
+
+class FetchHold:
+    """One fetch's share of the fetch budget (``REALSCORE_MAX_FETCH_BYTES``): reserved with the
+    size the source declares, before the read; given back once the image's decode is counted in
+    the pixel budget, or on failure. The two budgets are taken in that order and the pixel
+    budget is given back by batches, never by waiting fetches, so they cannot deadlock.
+
+    A reservation made after :meth:`release` (by a fetch helper its caller stopped waiting for
+    at the deadline) is given back at once instead of being held for ever."""
+
+    def __init__(self, budget: SharedBudget, bulk: bool = False) -> None:
+        self._budget = budget
+        self._bulk = bulk
+        self._taken = (0, 0)
+        self._lock = threading.Lock()
+        self._released = False
+
+    def reserve(self, nbytes: int, deadline: float) -> None:
+        """Take ``nbytes``, waiting at most until ``deadline`` (``TimeoutError`` past it)."""
+        taken = self._budget.acquire(nbytes, self._bulk, timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            if not self._released:
+                self._taken = (self._taken[0] + taken[0], self._taken[1] + taken[1])
+                return
+        self._budget.release(taken)
+
+    def release(self) -> None:
+        """Give everything back; later reservations are given back as they are made."""
+        with self._lock:
+            self._released = True
+            taken, self._taken = self._taken, (0, 0)
         self._budget.release(taken)

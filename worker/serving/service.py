@@ -27,7 +27,7 @@ from shared.results import ResultFactory, Result
 from shared.settings import Settings
 from worker.serving import metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
-from worker.serving.budget import Held, SharedBudget
+from worker.serving.budget import FetchHold, Held, SharedBudget
 from worker.serving.cache import ScoreCache
 from worker.serving.lanepool import LanePool
 from worker.lifecycle.features import encode_features
@@ -119,6 +119,8 @@ class ScoringService:
         )
         # Bulk images may hold half the pixel budget: the other half stays for interactive ones.
         self.budget = SharedBudget(settings.pending_bytes)
+        # Fetched bytes not yet counted there (read, or waiting for pixel budget): the same split.
+        self.fetch_budget = SharedBudget(settings.fetch_bytes)
         on_gpu = loaded.device.type == "cuda"
         self.batcher: DynamicBatcher[_Item, tuple[float, torch.Tensor | None]] = DynamicBatcher(
             self._stage,
@@ -220,9 +222,15 @@ class ScoringService:
         return outputs
 
     def prepare(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Prepared:
-        """Fetch, check the header and stage one image (on the calling thread)."""
-        data = self.sources.fetch(uri)
-        return self.prepare_bytes(data, lane=lane)
+        """Fetch, check the header and stage one image (on the calling thread). The fetched
+        bytes are counted in the fetch budget from before their read until the pixel budget
+        counts their decode."""
+        fetched = FetchHold(self.fetch_budget, bulk=lane is Lane.BULK)
+        try:
+            data = self.sources.fetch(uri, fetched.reserve)
+            return self.prepare_bytes(data, lane=lane)
+        finally:
+            fetched.release()
 
     def prepare_bytes(
         self, data: bytes, sha256: str | None = None, lane: Lane = Lane.INTERACTIVE
@@ -264,8 +272,14 @@ class ScoringService:
 
     def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
         """One result, never an exception."""
-        if self.cache is not None:
-            return self._score_cached(self.cache, uri, lambda: self.sources.fetch(uri), lane)
+        if self.cache is not None:  # the bytes stay in hand while they are scored: counted so
+            fetched = FetchHold(self.fetch_budget, bulk=lane is Lane.BULK)
+            try:
+                return self._score_cached(
+                    self.cache, uri, lambda: self.sources.fetch(uri, fetched.reserve), lane
+                )
+            finally:
+                fetched.release()
         return self.score_prepared(uri, lambda: self.prepare(uri, lane), lane)
 
     def score_bytes(self, uri: str, data: bytes, lane: Lane = Lane.INTERACTIVE) -> Result:

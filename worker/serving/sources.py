@@ -27,7 +27,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +38,8 @@ from shared.errors import ErrorCode, ScoringError
 from shared.redact import redact
 from worker.serving import deadlines
 from worker.serving.deadlines import within_deadline
+
+Reserve = Callable[[int, float], None]  # (bytes about to be read, the fetch's deadline)
 
 CHUNK_BYTES = 1 << 20
 S3_ATTEMPTS = 3
@@ -132,6 +134,18 @@ class _FdReader:
 
 def _timed_out(what: str) -> ScoringError:
     return ScoringError(ErrorCode.FETCH_TIMEOUT, f"{what}: not read within the deadline")
+
+
+def _reserve(reserve: Reserve, nbytes: int, deadline: float, what: str) -> None:
+    """Room for ``nbytes`` in the fetch budget before reading them, or ``fetch_timeout``."""
+    try:
+        reserve(nbytes, deadline)
+    except TimeoutError:
+        raise ScoringError(
+            ErrorCode.FETCH_TIMEOUT,
+            f"{what}: not read within the deadline: no room for its {nbytes} bytes in "
+            "REALSCORE_MAX_FETCH_BYTES (the worker holds that much fetched and not yet decoded)",
+        ) from None
 
 
 def _read_capped(stream: _Readable, max_bytes: int, deadline: float, what: str) -> bytes:
@@ -319,17 +333,21 @@ class Sources:
         self._s3 = None
         self._s3_lock = threading.Lock()  # task threads race to the first S3 fetch
 
-    def fetch(self, uri: object) -> bytes:
+    def fetch(self, uri: object, reserve: Reserve | None = None) -> bytes:
         """The bytes ``uri`` names, or a :class:`ScoringError`; returns by ``timeout`` (plus a
-        fraction of a second) whatever the file system or the endpoint does."""
+        fraction of a second) whatever the file system or the endpoint does. ``reserve(size,
+        deadline)`` is called with the size the file or object declares before any byte of it is
+        read (the fetch memory budget), and may raise to refuse it."""
         ref = parse_uri(uri)
         deadline = time.monotonic() + self.timeout
         if isinstance(ref, S3Ref):
             self.check_bucket(ref)
             what = f"s3://{ref.bucket}/{_shown(ref.key)}"
-            return within_deadline(deadline, _fetch_timed_out(what), lambda: self._fetch_s3(ref, deadline))
+            return within_deadline(
+                deadline, _fetch_timed_out(what), lambda: self._fetch_s3(ref, deadline, reserve)
+            )
         return within_deadline(
-            deadline, _fetch_timed_out(_shown(ref.path)), lambda: self._fetch_local(ref, deadline)
+            deadline, _fetch_timed_out(_shown(ref.path)), lambda: self._fetch_local(ref, deadline, reserve)
         )
 
     def check_bucket(self, ref: S3Ref) -> None:
@@ -414,11 +432,11 @@ class Sources:
         if not (same and self._inside_roots(again)):
             raise ScoringError(ErrorCode.FORBIDDEN_PATH, escaped)
 
-    def _fetch_local(self, ref: LocalRef, deadline: float) -> bytes:
+    def _fetch_local(self, ref: LocalRef, deadline: float, reserve: Reserve | None = None) -> bytes:
         if self.local_roots is not None and not self.local_roots:
             self.check_local_path(ref.path)  # raises: local files are not served
         if self.local_roots is not None and _O_PATH:
-            data = self._fetch_opened_first(ref, deadline)
+            data = self._fetch_opened_first(ref, deadline, reserve)
             if data is not None:
                 return data
         if self.local_roots is None:  # trusted: no policy to check, ".." collapsed by name as ever
@@ -428,11 +446,13 @@ class Sources:
         try:
             with open(path, "rb", opener=_open_nonblocking) as handle:
                 self.check_opened(handle.fileno(), ref.path)  # before anything is read
-                return self._read_regular(handle, ref.path, deadline)
+                return self._read_regular(handle, ref.path, deadline, reserve=reserve)
         except OSError as error:  # ELOOP, ENAMETOOLONG, EIO... too: none of them is `internal`
             raise _local_error(ref.path, error) from None
 
-    def _fetch_opened_first(self, ref: LocalRef, deadline: float) -> bytes | None:
+    def _fetch_opened_first(
+        self, ref: LocalRef, deadline: float, reserve: Reserve | None = None
+    ) -> bytes | None:
         """The policy checked on the file itself: the name is walked once, by the kernel, into an
         ``O_PATH`` descriptor (opening nothing), whose canonical path ``/proc/self/fd`` tells;
         inside the roots and a regular file, that very file is reopened for reading. No
@@ -461,7 +481,7 @@ class Sources:
                     raise ScoringError(ErrorCode.NOT_FOUND, f"{ref.path}: not a regular file")
                 reader = _open_nonblocking(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
                 try:  # the same inode as fd: its fstat is `info`
-                    return self._read_regular(_FdReader(reader), ref.path, deadline, info)
+                    return self._read_regular(_FdReader(reader), ref.path, deadline, info, reserve)
                 finally:
                     os.close(reader)
             except OSError as error:
@@ -470,10 +490,15 @@ class Sources:
             os.close(fd)
 
     def _read_regular(
-        self, handle: _Readable, path: str, deadline: float, info: os.stat_result | None = None
+        self,
+        handle: _Readable,
+        path: str,
+        deadline: float,
+        info: os.stat_result | None = None,
+        reserve: Reserve | None = None,
     ) -> bytes:
         """The whole of an open regular file (``info``: its fstat, when known), within the size
-        cap and the deadline."""
+        cap and the deadline; its size ``reserve``d first."""
         if info is None:
             info = os.fstat(handle.fileno())  # type: ignore[attr-defined]
         if not stat.S_ISREG(info.st_mode):  # a FIFO or device: no end, or no writer
@@ -484,6 +509,8 @@ class Sources:
                 ErrorCode.TOO_LARGE,
                 f"{path}: {size} bytes, over {self.max_bytes} (REALSCORE_MAX_IMAGE_BYTES)",
             )
+        if reserve is not None:
+            _reserve(reserve, size, deadline, path)
         return _read_capped(handle, self.max_bytes, deadline, path)
 
     # S3 --------------------------------------------------------------------------------------
@@ -518,7 +545,7 @@ class Sources:
             ),
         )
 
-    def _fetch_s3(self, ref: S3Ref, deadline: float) -> bytes:
+    def _fetch_s3(self, ref: S3Ref, deadline: float, reserve: Reserve | None = None) -> bytes:
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -544,6 +571,8 @@ class Sources:
                         f"{what}: {response['ContentLength']} bytes, over {self.max_bytes} "
                         "(REALSCORE_MAX_IMAGE_BYTES)",
                     )
+                if reserve is not None:
+                    _reserve(reserve, response.get("ContentLength") or self.max_bytes, deadline, what)
                 reader = _DeadlineBody(body, deadline, self._socket_timeout, what)
                 data = _read_capped(reader, self.max_bytes, deadline, what)
                 declared = response.get("ContentLength")
