@@ -370,8 +370,14 @@ def main() -> None:
                     break
                 settings = settings_for(mode, args)
                 if "ii" not in skip:
-                    rate, mean, start_s = in_process(loaded, settings, paths)
                     label = "(ii) ScoringService, in process"
+                    try:
+                        rate, mean, start_s = in_process(loaded, settings, paths)
+                    except Exception as error:  # noqa: BLE001 - e.g. a graph capture: say so, go on
+                        reason = str(error).splitlines()[0][:160] if str(error) else ""
+                        table.row(f"{label}: failed: {type(error).__name__}: {reason}", mode, 1,
+                                  "-", "-", "-", "-", "-")
+                        continue
                     if args.compile != "off":  # compiled by start(), on the batcher thread
                         label += f", compiled {args.compile} ({start_s:.0f} s to start)"
                     table.row(label, mode, 1, len(paths), rate, "-", "-", f"{mean:.1f}")
