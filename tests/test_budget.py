@@ -149,3 +149,23 @@ def test_a_fetch_hold_gives_back_what_it_reserves_even_after_its_release() -> No
         FetchHold(budget).reserve(1, time.monotonic() + 0.05)  # waits no longer than the deadline
     blocker.release()
     assert budget.in_use == 0
+
+
+def test_a_bulk_acquire_waits_its_timeout_in_all_not_once_per_budget() -> None:
+    import time
+
+    from worker.serving.budget import SharedBudget
+
+    budget = SharedBudget(1000)
+    budget.acquire(1000)  # the whole budget taken...
+    budget.bulk.acquire(500)  # ...and the bulk share: a bulk acquire waits for both in turn
+    freed = threading.Timer(0.4, lambda: budget.bulk.release(500))  # its share frees up late
+    freed.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            budget.acquire(100, bulk=True, timeout=0.6)
+        assert time.monotonic() - started < 0.85  # 0.6 in all, not 0.4 + another 0.6
+    finally:
+        freed.join()
+    assert budget.bulk.in_use == 0  # the share it got is given back

@@ -255,3 +255,40 @@ def test_shutdown_gives_up_on_a_stuck_fetch_nobody_waits_for(no_stuck_threads: N
         assert ("a", "bytes of a") in stalled.ended  # the queued item still ran
     finally:
         stalled.release.set()
+
+
+def test_what_a_stuck_fetch_holds_is_given_back_when_it_is_given_up_on(no_stuck_threads: None) -> None:
+    """A fetch stuck in the kernel must not keep its fetch budget until its read returns: the
+    release registered on its item runs when the consumer gives up on it."""
+    pool, stalled = LanePool(1, "test-release"), _Stalled()
+    released: list[object] = []
+
+    def holding(item: object) -> tuple[object, str]:
+        deadlines.on_abandon(lambda: released.append(item))
+        return stalled(item)
+
+    try:
+        assert list(pool.imap(holding, ["stuck", "a"])) == [("stuck", "timed out: deadline"), ("a", "bytes of a")]
+        assert released == ["stuck"]  # given back at the give-up, the read still blocked
+        assert deadlines.abandoned_count() == 1
+    finally:
+        stalled.release.set()
+        pool.shutdown()
+
+
+def test_the_answer_for_a_given_up_item_knows_it_is_one(no_stuck_threads: None) -> None:
+    """The task's per-image drain check must not hand back an image that had started: the
+    function can tell the consumer's answer for a given-up item from a fresh start."""
+    pool, stalled = LanePool(1, "test-answering"), _Stalled()
+    seen: dict[object, bool] = {}
+
+    def noting(item: object) -> tuple[object, str]:
+        seen[item] = deadlines.answering_for_abandoned()
+        return stalled(item)
+
+    try:
+        assert [r[1] for r in pool.imap(noting, ["stuck", "a"])] == ["timed out: deadline", "bytes of a"]
+        assert seen == {"stuck": True, "a": False}  # the last word on "stuck" is the answer's
+    finally:
+        stalled.release.set()
+        pool.shutdown()

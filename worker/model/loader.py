@@ -115,8 +115,12 @@ class LoadedModel:
             if self.device.type != "cuda":
                 raise ModelLoadError(f"REALSCORE_COMPILE=cuda-graphs needs a CUDA device, not {self.device}")
             started = time.monotonic()
-            with torch.inference_mode():
-                graphed = GraphedTower(self.model.features, batch_sizes, shape, self.device, self.dtype)
+            try:
+                with torch.inference_mode():
+                    graphed = GraphedTower(self.model.features, batch_sizes, shape, self.device, self.dtype)
+            except RuntimeError as error:  # out of memory, an op that cannot be captured
+                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ModelLoadError(f"REALSCORE_COMPILE=cuda-graphs: capturing the tower failed: {first}") from error
             self.compiled_sizes, self._features = graphed.sizes, graphed
             log.info("captured the tower as CUDA graphs for batches %s in %.1f s",
                      list(graphed.sizes), time.monotonic() - started)

@@ -86,10 +86,13 @@ class SharedBudget:
         return self.whole.in_use
 
     def acquire(self, nbytes: int, bulk: bool = False, timeout: float | None = None) -> tuple[int, int]:
-        """Take ``nbytes``; returns the token :meth:`release` takes."""
+        """Take ``nbytes`` within ``timeout`` seconds in all; returns the token :meth:`release`
+        takes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         from_bulk = self.bulk.acquire(nbytes, timeout) if bulk else 0
         try:
-            return from_bulk, self.whole.acquire(nbytes, timeout)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return from_bulk, self.whole.acquire(nbytes, left)
         except BaseException:
             self.bulk.release(from_bulk)
             raise

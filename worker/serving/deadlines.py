@@ -62,11 +62,14 @@ class Watched:
     """An item run on an expendable thread: its deadline while in work that may block, and
     whether its waiter has given up on it. Subclassed by the lane pool's item."""
 
-    __slots__ = ("deadline", "abandoned")
+    __slots__ = ("deadline", "abandoned", "on_abandon")
 
     def __init__(self) -> None:
         self.deadline: float | None = None
         self.abandoned = False
+        # What the stuck thread holds that must not wait for its read to return (its fetch
+        # budget): given back by whoever gives up on the item (see :func:`on_abandon`).
+        self.on_abandon: Callable[[], None] | None = None
 
     def run(self, deadline: float, timed_out: TimedOut, function: Callable[[], T]) -> T:
         """``function()`` inline, visible to the waiter as overdue after ``deadline``."""
@@ -89,12 +92,31 @@ class Watched:
         """Give up on the item if it is overdue (first caller wins); True once given up on."""
         global _abandoned
         with _lock:
-            if not self.abandoned:
-                if self.deadline is None or now < self.deadline + GRACE_S:
-                    return False
-                self.abandoned = True
-                _abandoned += 1
-            return True
+            if self.abandoned:
+                return True
+            if self.deadline is None or now < self.deadline + GRACE_S:
+                return False
+            self.abandoned = True
+            _abandoned += 1
+            release, self.on_abandon = self.on_abandon, None
+        if release is not None:
+            release()
+        return True
+
+
+def on_abandon(release: Callable[[], None]) -> None:
+    """On an expendable thread: run ``release`` if the waiter gives up on this thread's item
+    (what a fetch stuck in the kernel holds must not wait for it). Elsewhere: nothing."""
+    item: Watched | None = getattr(_local, "item", None)
+    if item is not None:
+        item.on_abandon = release
+
+
+def answering_for_abandoned() -> bool:
+    """Whether this thread is running an item its lane thread was given up on: the item had
+    started, and now only gets its ``fetch_timeout`` answer."""
+    item: Watched | None = getattr(_local, "item", None)
+    return item is not None and item.abandoned
 
 
 class watching:  # noqa: N801 - used as a context manager, like contextlib's

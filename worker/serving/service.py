@@ -25,7 +25,7 @@ from PIL import Image
 from shared.errors import ErrorCode, ScoringError
 from shared.results import ResultFactory, Result
 from shared.settings import Settings
-from worker.serving import metrics
+from worker.serving import deadlines, metrics
 from worker.serving.batcher import DynamicBatcher, ItemFailed, Lane, ModelBroken
 from worker.serving.budget import FetchHold, Held, SharedBudget
 from worker.serving.cache import ScoreCache
@@ -225,12 +225,19 @@ class ScoringService:
         """Fetch, check the header and stage one image (on the calling thread). The fetched
         bytes are counted in the fetch budget from before their read until the pixel budget
         counts their decode."""
-        fetched = FetchHold(self.fetch_budget, bulk=lane is Lane.BULK)
+        fetched = self._fetch_hold(lane)
         try:
             data = self.sources.fetch(uri, fetched.reserve)
             return self.prepare_bytes(data, lane=lane)
         finally:
             fetched.release()
+
+    def _fetch_hold(self, lane: Lane) -> FetchHold:
+        """A fetch's share of the fetch budget, given back by :meth:`FetchHold.release` or, when
+        the fetch is stuck in the kernel on a lane thread, as soon as that thread is given up on."""
+        fetched = FetchHold(self.fetch_budget, bulk=lane is Lane.BULK)
+        deadlines.on_abandon(fetched.release)
+        return fetched
 
     def prepare_bytes(
         self, data: bytes, sha256: str | None = None, lane: Lane = Lane.INTERACTIVE
@@ -272,11 +279,11 @@ class ScoringService:
 
     def score_uri(self, uri: object, lane: Lane = Lane.INTERACTIVE) -> Result:
         """One result, never an exception."""
-        if self.cache is not None:  # the bytes stay in hand while they are scored: counted so
-            fetched = FetchHold(self.fetch_budget, bulk=lane is Lane.BULK)
+        if self.cache is not None:
+            fetched = self._fetch_hold(lane)
             try:
                 return self._score_cached(
-                    self.cache, uri, lambda: self.sources.fetch(uri, fetched.reserve), lane
+                    self.cache, uri, lambda: self.sources.fetch(uri, fetched.reserve), lane, fetched.release
                 )
             finally:
                 fetched.release()
@@ -289,9 +296,16 @@ class ScoringService:
         return self.score_prepared(uri, lambda: self.prepare_bytes(data, lane=lane), lane)
 
     def _score_cached(
-        self, cache: ScoreCache, uri: object, fetch: Callable[[], bytes], lane: Lane
+        self,
+        cache: ScoreCache,
+        uri: object,
+        fetch: Callable[[], bytes],
+        lane: Lane,
+        counted: Callable[[], None] = lambda: None,
     ) -> Result:
-        """Fetch, then the cached raw score of those bytes, else score them and remember it."""
+        """Fetch, then the cached raw score of those bytes, else score them and remember it.
+        ``counted`` runs once their decode is counted in the pixel budget (the fetch budget's
+        part ends there, as on the uncached path)."""
         started = time.monotonic()
         try:
             data = fetch()
@@ -306,8 +320,17 @@ class ScoringService:
         if score is not None:
             return self.results.ok(uri, score, sha256=sha256, elapsed_ms=_ms_since(started), cached=True)  # type: ignore[arg-type]
         result = None
+        held = [data]  # handed over to the decode, not kept alive here while the batch runs
+        del data
+
+        def prepare() -> Prepared:
+            try:
+                return self.prepare_bytes(held.pop(), sha256, lane)
+            finally:
+                counted()
+
         try:
-            result = self.score_prepared(uri, lambda: self.prepare_bytes(data, sha256, lane), lane, started)
+            result = self.score_prepared(uri, prepare, lane, started)
             if result["ok"]:
                 cache.put(sha256, result["score"])  # type: ignore[arg-type]
         finally:

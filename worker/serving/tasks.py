@@ -17,7 +17,7 @@ from shared.celery_app import app
 from shared.errors import ErrorCode
 from shared.results import Result
 from shared.task_names import BULK_QUEUE, EMBED, MAX_URIS_PER_TASK, SCORE, SCORE_MANY
-from worker.serving import metrics, runtime
+from worker.serving import deadlines, metrics, runtime
 from worker.serving.batcher import Lane
 from worker.serving.bulk_gate import bulk_slot
 from worker.serving.delivery import DeliveredTask, Plan, check_not_draining, current_plan, note_images_start
@@ -51,7 +51,10 @@ def _planned(
         return [as_row(result) for result in _errors(uris, ErrorCode.INTERNAL, plan.give_up)]
     if not plan.careful:
         def started(uri: Any) -> Row:
-            check_not_draining()  # a stopping worker hands back what it has not started
+            # A stopping worker hands back what it has not started; an image whose stuck fetch
+            # was given up on had started, and is answered (fetch_timeout) even while draining.
+            if not deadlines.answering_for_abandoned():
+                check_not_draining()
             return one(uri)
 
         return batched(started, uris)
