@@ -61,22 +61,22 @@ def install() -> None:
     if held:
         held_fetch = sources.Sources.fetch
 
-        def fetch_when_released(self, uri):
+        def fetch_when_released(self, uri, *args, **kwargs):
             if isinstance(uri, str) and held in uri:
                 deadline = time.monotonic() + 120
                 while _armed() and time.monotonic() < deadline:
                     time.sleep(0.05)  # polling the test's release file
-            return held_fetch(self, uri)
+            return held_fetch(self, uri, *args, **kwargs)
 
         sources.Sources.fetch = fetch_when_released
     marker = os.environ.get("FAULT_EXIT_URI")
     if marker:
         real_fetch = sources.Sources.fetch
 
-        def fetch(self, uri):
+        def fetch(self, uri, *args, **kwargs):
             if isinstance(uri, str) and marker in uri:
                 os._exit(70)
-            return real_fetch(self, uri)
+            return real_fetch(self, uri, *args, **kwargs)
 
         sources.Sources.fetch = fetch
 
