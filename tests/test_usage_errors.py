@@ -212,10 +212,9 @@ def test_default_weights_are_found_in_the_checkout_from_another_folder(
         model_files.head_weights_path(load_settings())
 
 
-@pytest.mark.parametrize("command", [["worker"], ["score", "x.png"]])
-def test_cuda_graphs_on_a_cpu_exit_2_from_worker_and_score_alike(
-    command: list[str], tiny_clip_dir: Path, seed_checkpoint: Path
-) -> None:
+def test_cuda_graphs_on_a_cpu_exit_2_from_the_worker(tiny_clip_dir: Path, seed_checkpoint: Path) -> None:
+    """The worker's start path (embedded commands share ScoringService's check: test_service)."""
+    command = ["worker"]
     env = {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint),
            "REALSCORE_DEVICE": "cpu", "REALSCORE_COMPILE": "cuda-graphs", "TRANSFORMERS_OFFLINE": "1"}
     done = _realscore(command, env)
