@@ -290,27 +290,46 @@ def test_warm_shutdown_hands_back_unstarted_images_at_once(worker_env: dict, pic
 # A full Redis -----------------------------------------------------------------------------------
 
 
-def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
-    """Under ``noeviction`` a full Redis refuses the result write: the message must not be
-    acknowledged. Once memory is freed, the task runs again and its caller gets the real result."""
-    held = served_dir / "faults" / "hold-full.png"
-    noise_image(7, (64, 64)).save(held)
+@contextmanager
+def _holding_worker_on_noeviction_redis(
+    worker_env: dict, served_dir: Path, tmp_path: Path, name: str, seed: int
+) -> Iterator[tuple[redis.Redis, Celery, WorkerProcess, AsyncResult, Path]]:
+    """A private Redis under ``noeviction`` (as compose runs it) and a one-thread fault worker on
+    it, in the middle of a ``score`` task whose fetch of the picture ``name`` waits while the
+    release file exists. Yields (store, app, worker, the task, release file); the caller stops
+    the worker."""
+    held = served_dir / "faults" / f"{name}.png"
+    noise_image(seed, (64, 64)).save(held)
     release = tmp_path / "hold"
     release.touch()
     with private_redis() as url:
         store = redis.Redis.from_url(url)
-        store.config_set("maxmemory-policy", "noeviction")  # as compose runs it
-        app = make_app(url, url)
-        # One thread, so one prefetch slot: the redelivery is only taken if the refused requeue
-        # gave this worker's slot back.
+        store.config_set("maxmemory-policy", "noeviction")
         process = fault_worker(
             worker_env, url, url, tmp_path / "w.log", "--concurrency", "1",
-            FAULT_HOLD_URI="hold-full", FAULT_TRIGGER=str(release),
+            FAULT_HOLD_URI=name, FAULT_TRIGGER=str(release),
         ).start()
+        app = make_app(url, url)
         try:
             process.wait_ready(app, START)
-            handle = app.send_task(SCORE, args=[str(held)])
-            wait_until(lambda: active_on(app, process.node) == 1, 60, "the task in the worker's hands")
+            task = app.send_task(SCORE, args=[str(held)])
+            wait_until(lambda: active_on(app, process.node) == 1, 60, "the held task in the worker's hands")
+        except BaseException:
+            process.stop()
+            raise
+        yield store, app, process, task, release
+
+
+def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
+    """Under ``noeviction`` a full Redis refuses the result write: the message must not be
+    acknowledged. Once memory is freed, the task runs again and its caller gets the real result."""
+    # One thread, so one prefetch slot: the redelivery is only taken if the refused requeue
+    # gave this worker's slot back.
+    with _holding_worker_on_noeviction_redis(worker_env, served_dir, tmp_path, "hold-full", 7) as (
+        store, app, process, handle, release,
+    ):
+        held = served_dir / "faults" / "hold-full.png"
+        try:
             fill(store)  # from now on every write is refused
             release.unlink()  # the task scores its image and tries to write the result
             wait_until(lambda: "Redis refused to reject" in process.log(), 60, "the requeue refused")
@@ -337,24 +356,13 @@ def test_a_message_taken_from_a_full_redis_is_not_lost(worker_env: dict, picture
     """Redis lets a worker pop a queued message when full (BRPOP frees memory) but refuses to
     record it as unacknowledged (ZADD/HSET): the message must go back to its queue, and the worker
     carry on, taking it once there is room."""
-    held = served_dir / "faults" / "hold-popped.png"
-    noise_image(8, (64, 64)).save(held)
-    release = tmp_path / "hold"
-    release.touch()
-    with private_redis() as url:
-        store = redis.Redis.from_url(url)
-        store.config_set("maxmemory-policy", "noeviction")
-        app = make_app(url, url)
-        # One thread, one prefetch slot: the second task stays queued until the first gives its
-        # slot back, which it does (its requeue refused) only once Redis is full.
-        process = fault_worker(
-            worker_env, url, url, tmp_path / "w.log", "--concurrency", "1",
-            FAULT_HOLD_URI="hold-popped", FAULT_TRIGGER=str(release),
-        ).start()
+    # One thread, one prefetch slot: the second task stays queued until the first gives its
+    # slot back, which it does (its requeue refused) only once Redis is full.
+    with _holding_worker_on_noeviction_redis(worker_env, served_dir, tmp_path, "hold-popped", 8) as (
+        store, app, process, first, release,
+    ):
+        held = served_dir / "faults" / "hold-popped.png"
         try:
-            process.wait_ready(app, START)
-            first = app.send_task(SCORE, args=[str(held)])
-            wait_until(lambda: active_on(app, process.node) == 1, 60, "the first task in the worker's hands")
             queued = app.send_task(SCORE, args=[pictures[0]])
             assert store.llen(INTERACTIVE_QUEUE) == 1
             fill(store)
