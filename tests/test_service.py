@@ -268,7 +268,7 @@ def test_cuda_graphs_on_a_cpu_model_is_a_one_line_start_error(loaded_model) -> N
     from worker.model.loader import ModelLoadError
 
     with pytest.raises(ModelLoadError, match=r"REALSCORE_COMPILE=cuda-graphs needs a CUDA device") as caught:
-        ScoringService(loaded_model, load_settings(compile="cuda-graphs"), local_roots=None)
+        ScoringService(loaded_model, load_settings(compile="cuda-graphs"), local_roots=None).start()
     assert "\n" not in str(caught.value)
 
 

@@ -31,7 +31,7 @@ from worker.serving.budget import FetchHold, Held, SharedBudget
 from worker.serving.cache import ScoreCache
 from worker.serving.lanepool import LanePool
 from worker.lifecycle.features import encode_features
-from worker.model.loader import Launched, LoadedModel, ModelLoadError
+from worker.model.loader import Launched, LoadedModel
 from worker.model.modes import Collated, Staged, make_mode
 from worker.serving.sources import Sources
 
@@ -95,10 +95,6 @@ class ScoringService:
         threshold, means = verdict_rule(settings, loaded.head_metadata)
         # DecodeModeError (e.g. gpu without torchvision) stops start-up with its one line.
         self.mode = make_mode(settings.decode, loaded.preprocessing, loaded.device, loaded.dtype)
-        if settings.compile == "cuda-graphs" and loaded.device.type != "cuda":
-            raise ModelLoadError(
-                f"REALSCORE_COMPILE=cuda-graphs needs a CUDA device; the model is on {loaded.device}"
-            )
         self.results = ResultFactory(
             loaded.result_model(self.mode.name),
             threshold,
