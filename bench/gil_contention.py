@@ -10,7 +10,13 @@ For K threads busy in Python (holding the GIL between switches) and, as the cont
 busy in C with the GIL released (sha256 of 1 MiB: the same cores taken, no GIL), prints the
 median forward time, eager and graph; the ratio python/C is what the GIL alone costs.
 
-    python bench/gil_contention.py --tower tiny --device cpu --busy 1,4
+``--switch-ms`` repeats the busy rows at other ``sys.setswitchinterval`` values (what
+``REALSCORE_SWITCH_INTERVAL_MS`` sets in a worker): a thread waiting for the GIL asks its holder
+to let go only after one interval, so the eager forward's take-backs wait that long each.
+``--cost-threads`` adds what a shorter interval costs the other side: the Python work N busy
+threads get done with no forward running (more forced hand-overs), in million loop steps per s.
+
+    python bench/gil_contention.py --tower tiny --device cpu --busy 1,4 --switch-ms 5,0.5,0.1
     python bench/gil_contention.py --tower large14 --device cuda --batch 32 --busy 1,4,16
 
 Prints figures, asserts nothing.
@@ -44,6 +50,29 @@ def _python_busy(stop: threading.Event) -> None:
 def _c_busy(stop: threading.Event) -> None:
     while not stop.is_set():
         hashlib.sha256(_BLOB).digest()  # hashlib releases the GIL while it hashes
+
+
+def _python_rate(threads: int, switch_ms: float, steps: int = 3_000_000) -> float:
+    """Million loop steps per second that ``threads`` threads, all in Python, get through."""
+    share = steps // threads
+
+    def count() -> None:
+        done = 0
+        while done < share:
+            done += 1
+
+    default_switch = sys.getswitchinterval()
+    sys.setswitchinterval(switch_ms / 1000)
+    try:
+        workers = [threading.Thread(target=count) for _ in range(threads)]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return share * threads / (time.perf_counter() - started) / 1e6
+    finally:
+        sys.setswitchinterval(default_switch)
 
 
 def _graph(tower: Callable, pixels, device: str) -> Callable[[], object]:
@@ -95,6 +124,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--busy", default="1,4", help="comma-separated busy thread counts")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--switch-ms", default="5",
+                        help="comma-separated GIL switch intervals (ms) to repeat the busy rows at")
+    parser.add_argument("--cost-threads", default="",
+                        help="comma-separated thread counts for the Python-work-per-interval table")
     parser.add_argument("--out", type=Path, default=None, help="append the table to this file")
     parser.add_argument("--data", type=Path, default=None,
                         help="a folder holding clip/ and head.pth of this tower (pipeline.py --data)")
@@ -127,34 +160,52 @@ def main() -> None:
             f"- command: `python bench/gil_contention.py {' '.join(sys.argv[1:])}`",
             f"- tower {args.tower} ({str(loaded.dtype).removeprefix('torch.')}), batch {args.batch}; "
             f"median of {args.repeats} forwards, ms\n",
-            "| busy threads | eager ms | graph ms |",
-            "| --- | ---: | ---: |",
+            "| busy threads | switch ms | eager ms | graph ms |",
+            "| --- | ---: | ---: | ---: |",
         ]
         print("\n".join(lines), flush=True)
         out = args.out.open("a") if args.out is not None else None
         if out is not None:  # each row as it is measured: a time cap keeps what was done
             out.write("\n".join(lines) + "\n")
             out.flush()
-        for label, busy, counts in (("none", None, [0]),
-                                    *[(kind, fn, [int(k) for k in args.busy.split(",")])
-                                      for kind, fn in (("in C, GIL released", _c_busy),
-                                                       ("in Python, GIL held", _python_busy))]):
-            for count in counts:
-                stop = threading.Event()
-                threads = [threading.Thread(target=busy, args=(stop,), daemon=True) for _ in range(count)]
+        switches = [float(ms) for ms in args.switch_ms.split(",")]
+        counts = [int(k) for k in args.busy.split(",")]
+        cases = [("none", None, 0, switches[0])] + [
+            (label, busy, count, switch)
+            for switch in switches
+            for label, busy in (("in C, GIL released", _c_busy), ("in Python, GIL held", _python_busy))
+            for count in counts
+            if busy is _python_busy or switch == switches[0]  # threads in C hold no GIL to hand over
+        ]
+        default_switch = sys.getswitchinterval()
+        for label, busy, count, switch in cases:
+            sys.setswitchinterval(switch / 1000)
+            stop = threading.Event()
+            threads = [threading.Thread(target=busy, args=(stop,), daemon=True) for _ in range(count)]
+            for thread in threads:
+                thread.start()
+            try:
+                graph_ms = "-" if graph is None else f"{_median_ms(graph, args.device, args.repeats):.1f}"
+                row = f"| {count} {label} | {switch:g} | {_median_ms(eager, args.device, args.repeats):.1f} | {graph_ms} |"
+            finally:
+                stop.set()
                 for thread in threads:
-                    thread.start()
-                try:
-                    graph_ms = "-" if graph is None else f"{_median_ms(graph, args.device, args.repeats):.1f}"
-                    row = f"| {count} {label} | {_median_ms(eager, args.device, args.repeats):.1f} | {graph_ms} |"
-                finally:
-                    stop.set()
-                    for thread in threads:
-                        thread.join()
-                print(row, flush=True)
-                if out is not None:
-                    out.write(row + "\n")
-                    out.flush()
+                    thread.join()
+                sys.setswitchinterval(default_switch)
+            print(row, flush=True)
+            if out is not None:
+                out.write(row + "\n")
+                out.flush()
+        if args.cost_threads:
+            switch_list = " | ".join(f"{ms:g} ms" for ms in switches)
+            table = ["", "Python work of N busy threads, no forward (million loop steps/s; best of 3)\n",
+                     f"| threads | {switch_list} |", "| --- |" + " ---: |" * len(switches)]
+            for threads in (int(n) for n in args.cost_threads.split(",")):
+                rates = [max(_python_rate(threads, ms) for _ in range(3)) for ms in switches]
+                table.append(f"| {threads} | " + " | ".join(f"{rate:.1f}" for rate in rates) + " |")
+            print("\n".join(table), flush=True)
+            if out is not None:
+                out.write("\n".join(table) + "\n")
     if out is not None:
         out.close()
 

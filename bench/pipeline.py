@@ -345,7 +345,9 @@ def main() -> None:
             f"- tower {args.tower} ({str(loaded.dtype).removeprefix('torch.')}) on {loaded.device}, "
             f"{len(paths)} photo-like 1024x768 JPEGs (built in {prepared_s:.0f} s), "
             f"MAX_BATCH_SIZE {base.max_batch_size}, {base.task_concurrency} task threads per process, "
-            f"{args.callers} callers for (iv), REALSCORE_COMPILE {args.compile}",
+            f"{args.callers} callers for (iv), REALSCORE_COMPILE {args.compile}"
+            + (f", GIL switch interval {base.switch_interval_ms:g} ms"
+               if hasattr(base, "switch_interval_ms") else ""),
         ]
         table = Table("Pipeline: images/s by layer", COLUMNS, out, notes)
         if "i" not in skip:

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     # Batching and worker threads.
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    switch_interval_ms: float = Field(
+        5.0,
+        ge=0.01,
+        le=100,
+        description="the process's GIL switch interval (sys.setswitchinterval), set when scoring "
+        "starts: how long the batcher thread may wait for a busy thread to let the GIL go; "
+        "5 is CPython's own",
+    )
     concurrency: int | None = Field(
         None, ge=1, le=4096, description="task threads; default 4 x MAX_BATCH_SIZE"
     )

@@ -264,6 +264,21 @@ def test_the_model_is_compiled_on_the_thread_that_runs_it(
         service.stop()
 
 
+def test_starting_sets_the_gil_switch_interval_the_batcher_waits_at_most(loaded_model) -> None:
+    """Each eager op of the forward gives the GIL up; a thread busy in Python hands it back only
+    one switch interval after the batcher asks (bench/gil_contention.py measures the cost)."""
+    import sys
+
+    before = sys.getswitchinterval()
+    service = ScoringService(loaded_model, load_settings(switch_interval_ms=0.3), local_roots=None)
+    try:
+        service.start()
+        assert sys.getswitchinterval() == pytest.approx(0.0003)
+    finally:
+        service.stop()
+        sys.setswitchinterval(before)
+
+
 def test_cuda_graphs_on_a_cpu_model_is_a_one_line_start_error(loaded_model) -> None:
     from worker.model.loader import ModelLoadError
 

@@ -44,6 +44,7 @@ def test_environment_is_read_with_prefix(monkeypatch: pytest.MonkeyPatch) -> Non
         ("REALSCORE_THRESHOLD", "1.5"),
         ("REALSCORE_HIGH_SCORE_MEANS", "fake"),
         ("REALSCORE_FETCH_TIMEOUT", "-1"),
+        ("REALSCORE_SWITCH_INTERVAL_MS", "0"),
     ],
 )
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

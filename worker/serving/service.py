@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -162,7 +163,12 @@ class ScoringService:
         return not self.batcher.broken
 
     def start(self) -> ScoringService:
-        """Compile and warm up (``REALSCORE_COMPILE``) before taking work, then start batching."""
+        """Compile and warm up (``REALSCORE_COMPILE``) before taking work, then start batching.
+
+        Also sets this process's GIL switch interval (``REALSCORE_SWITCH_INTERVAL_MS``): every
+        eager op of the forward gives the GIL up and takes it back, and a thread running Python
+        hands it over only when asked, one interval after the batcher began to wait."""
+        sys.setswitchinterval(self.settings.switch_interval_ms / 1000)
         warm_up = None
         if self.settings.compile != "off" and not self.loaded.compiled_sizes:
             sizes = compile_sizes(self.batcher.max_batch_size)
