@@ -11,6 +11,9 @@
 #   gil        bench/gil_contention.py: the forward, eager and as one CUDA graph, against 1 and 4
 #                   threads busy in Python (GIL held) or in C (GIL released), at GIL switch
 #                   intervals 5 and 0.2 ms (-> gil.md)
+#   gilprofile bench/gil_profile.py: py-spy --gil samples of ScoringService (gpu mode, batch 32)
+#                   for 15 s: how much of the time some thread holds the GIL, by thread kind and
+#                   function (-> gil-profile.md): whether the one GIL bounds the service
 #   servicegraphs (ii) as service32 with REALSCORE_COMPILE=cuda-graphs (plain CUDA graph capture,
 #                   seconds at start): eager, every torch op of the forward releases and retakes
 #                   the GIL, which 128 task threads contend for; a graph replay is one call
@@ -45,8 +48,8 @@
 # Knobs (environment; not REALSCORE_* since the service refuses REALSCORE_* variables that are no
 # setting, and these would reach its workers; REALSCORE_BENCH_* spellings are taken and unset):
 # BENCH_DEVICE (cuda), BENCH_TOWER (large14), BENCH_IMAGES (2048), BENCH_SECONDS (5: each (i)
-# figure and each (iv) run), BENCH_STEPS (model,service32,gil,servicegraphs,workergraphs,worker,
-# service02ms,servicecg,compile,service64,exact8,compile2,pytest), BENCH_COMPILE (default), BENCH_COMPILE2 (reduce-overhead), BENCH_COMPILE_BACKEND
+# figure and each (iv) run), BENCH_STEPS (model,service32,gil,gilprofile,servicegraphs,workergraphs,
+# worker,service02ms,servicecg,compile,service64,exact8,compile2,pytest), BENCH_COMPILE (default), BENCH_COMPILE2 (reduce-overhead), BENCH_COMPILE_BACKEND
 # (inductor), BENCH_WORKER_PROCS (1,2,4), BENCH_EXACT_PROCS (8), BENCH_DATA
 # (/tmp/realscore-gpu-data), BENCH_PYTHON (python3), BENCH_CARRY_DIR (the repo root: where .whl/
 # and .redis/ are), BENCH_BUDGET_S (520).
@@ -73,7 +76,7 @@ DEVICE=${BENCH_DEVICE:-cuda}
 TOWER=${BENCH_TOWER:-large14}
 IMAGES=${BENCH_IMAGES:-2048}
 SECONDS_EACH=${BENCH_SECONDS:-5}
-STEPS=,${BENCH_STEPS:-model,service32,gil,servicegraphs,workergraphs,worker,service02ms,servicecg,compile,service64,exact8,compile2,pytest},
+STEPS=,${BENCH_STEPS:-model,service32,gil,gilprofile,servicegraphs,workergraphs,worker,service02ms,servicecg,compile,service64,exact8,compile2,pytest},
 COMPILE=${BENCH_COMPILE:-default}
 COMPILE2=${BENCH_COMPILE2:-reduce-overhead}
 COMPILE_BACKEND=${BENCH_COMPILE_BACKEND:-inductor}
@@ -142,6 +145,9 @@ step model 100 "$K" "${PIPE[@]}" --skip ii,iii,iv --model-batches 32,64,128
 step service32 50 "$K" "${PIPE[@]}" --decode gpu --skip i,iii,iv --batch 32
 step gil 75 "$K" "$PY" bench/gil_contention.py --tower "$TOWER" --device "$DEVICE" --batch 32 \
     --busy 1,4 --switch-ms 5,0.2 --repeats 5 --data "$DATA" --out "$OUTDIR/gil.md"
+PYSPY=$( [ -x /tmp/site/bin/py-spy ] && echo /tmp/site/bin/py-spy || command -v py-spy || echo py-spy)
+step gilprofile 60 "$K" "$PY" bench/gil_profile.py --tower "$TOWER" --device "$DEVICE" --decode gpu \
+    --batch 32 --images "$IMAGES" --seconds 15 --data "$DATA" --py-spy "$PYSPY" --out "$OUTDIR/gil-profile.md"
 step servicegraphs 60 "$K" "${PIPE[@]}" --decode gpu --skip i,iii,iv --batch 32 --compile cuda-graphs
 step workergraphs 120 "$K" "${PIPE[@]}" --decode gpu --procs-per-gpu 1,4 --skip i,ii --compile cuda-graphs
 step worker 200 "$K" "${PIPE[@]}" --decode gpu --procs-per-gpu "$WORKER_PROCS" --skip i,ii
@@ -171,5 +177,5 @@ if [ -f bench/preprocess.py ]; then
 fi
 
 say "done in $(($(date +%s) - began)) s; tables:"
-cat "$OUTDIR"/pipeline.md "$OUTDIR"/gil.md "$OUTDIR"/pytest-gpu.txt "$OUTDIR"/preprocess.md 2>/dev/null
+cat "$OUTDIR"/pipeline.md "$OUTDIR"/gil.md "$OUTDIR"/gil-profile.md "$OUTDIR"/pytest-gpu.txt "$OUTDIR"/preprocess.md 2>/dev/null
 exit 0

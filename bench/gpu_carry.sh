@@ -25,7 +25,8 @@ PIP=(${BENCH_PIP:-$VENV_PY -m pip})
 # (device README, KINDS.md's package list) does not hold at a version that satisfies them.
 PACKAGES="celery kombu billiard vine amqp click click-didyoumean click-repl click-plugins
 prompt_toolkit wcwidth tzlocal python-dateutil redis pydantic pydantic-core pydantic-settings
-python-dotenv typing-inspection typing-extensions annotated-types boto3 botocore s3transfer jmespath"
+python-dotenv typing-inspection typing-extensions annotated-types boto3 botocore s3transfer jmespath
+py-spy"  # the last: not the service's, bench/gil_profile.py's sampler (a static binary in its wheel)
 
 pins=$("$VENV_PY" - $PACKAGES <<'EOF'
 import sys
