@@ -42,8 +42,22 @@ METRICS = {
     "score_cpu_ms": "score_uris: process CPU ms/image",
     "batcher_cpu_ms": "… of which the batcher thread (decode, resize, forward here)",
     "other_cpu_ms": "… of which all other threads (fetch, header, stage, hand-off, results)",
+    "switches": "score_uris: thread context switches per image (voluntary + involuntary)",
     "images_per_s": "score_uris: images/s (wall clock, loaded machine)",
 }
+
+
+def _context_switches() -> int:
+    """Context switches of all this process's threads so far (Linux ``/proc``; 0 elsewhere):
+    each blocking hand-over between threads (a lock, the GIL, a wake-up) is one or two."""
+    total = 0
+    for status in Path("/proc/self/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += sum(int(line.split()[1]) for line in text.splitlines() if "ctxt_switches" in line)
+    return total
 
 
 def child(args: argparse.Namespace) -> None:
@@ -77,9 +91,11 @@ def child(args: argparse.Namespace) -> None:
                 if held is not None:  # not scored: give its pixel budget back (main since 726d49d)
                     held.release()
             figures = {"prepare_cpu_ms": (time.process_time() - started) * 1000 / len(paths)}
+            switches = _context_switches()
             cpu, batcher, wall = time.process_time(), time.clock_gettime(clock), time.perf_counter()
             results = service.score_uris(paths)
             wall = time.perf_counter() - wall
+            switches = _context_switches() - switches
             batcher = time.clock_gettime(clock) - batcher
             cpu = time.process_time() - cpu
             bad = [r for r in results if not r["ok"]]
@@ -88,6 +104,7 @@ def child(args: argparse.Namespace) -> None:
             figures["score_cpu_ms"] = cpu * 1000 / len(paths)
             figures["batcher_cpu_ms"] = batcher * 1000 / len(paths)
             figures["other_cpu_ms"] = (cpu - batcher) * 1000 / len(paths)
+            figures["switches"] = switches / len(paths)
             figures["images_per_s"] = len(paths) / wall
             for name, value in figures.items():
                 better = max if name == "images_per_s" else min
@@ -165,8 +182,10 @@ def _print_table(runs: dict[str, list[dict[str, float]]], args: argparse.Namespa
     print("| per image | " + " | ".join([*tags, *ratios]) + " |")
     print("| --- | " + " | ".join("---:" for _ in [*tags, *ratios]) + " |")
     for name, label in METRICS.items():
+        if any(name not in run for tag in tags for run in runs[tag]):
+            continue  # an older checkout's child does not measure it
         medians = [statistics.median(run[name] for run in runs[tag]) for tag in tags]
-        cells = [f"{m:.1f}" if name == "images_per_s" else f"{m:.3f}" for m in medians]
+        cells = [f"{m:.1f}" if name in ("images_per_s", "switches") else f"{m:.3f}" for m in medians]
         ratio = [f"{m / medians[0]:.2f}" for m in medians[1:]]
         print("| " + " | ".join([label, *cells, *ratio]) + " |")
     for tag in tags:
