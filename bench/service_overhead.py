@@ -42,22 +42,28 @@ METRICS = {
     "score_cpu_ms": "score_uris: process CPU ms/image",
     "batcher_cpu_ms": "… of which the batcher thread (decode, resize, forward here)",
     "other_cpu_ms": "… of which all other threads (fetch, header, stage, hand-off, results)",
-    "switches": "score_uris: thread context switches per image (voluntary + involuntary)",
+    "switches": "score_uris: voluntary context switches per image (a thread blocked: lock, GIL, I/O)",
+    "preempted": "score_uris: involuntary context switches per image (preempted: machine load)",
     "images_per_s": "score_uris: images/s (wall clock, loaded machine)",
 }
 
 
-def _context_switches() -> int:
-    """Context switches of all this process's threads so far (Linux ``/proc``; 0 elsewhere):
-    each blocking hand-over between threads (a lock, the GIL, a wake-up) is one or two."""
-    total = 0
+def _context_switches() -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of all this process's threads so far (Linux
+    ``/proc``; zeros elsewhere): a thread that blocks (a lock, the GIL, a wake-up it waits for)
+    switches voluntarily; one preempted by the scheduler (machine load) involuntarily."""
+    voluntary = involuntary = 0
     for status in Path("/proc/self/task").glob("*/status"):
         try:
             text = status.read_text()
         except OSError:  # the thread ended meanwhile
             continue
-        total += sum(int(line.split()[1]) for line in text.splitlines() if "ctxt_switches" in line)
-    return total
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
 
 
 def child(args: argparse.Namespace) -> None:
@@ -95,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
             cpu, batcher, wall = time.process_time(), time.clock_gettime(clock), time.perf_counter()
             results = service.score_uris(paths)
             wall = time.perf_counter() - wall
-            switches = _context_switches() - switches
+            switches = [after - before for after, before in zip(_context_switches(), switches)]
             batcher = time.clock_gettime(clock) - batcher
             cpu = time.process_time() - cpu
             bad = [r for r in results if not r["ok"]]
@@ -104,7 +110,8 @@ def child(args: argparse.Namespace) -> None:
             figures["score_cpu_ms"] = cpu * 1000 / len(paths)
             figures["batcher_cpu_ms"] = batcher * 1000 / len(paths)
             figures["other_cpu_ms"] = (cpu - batcher) * 1000 / len(paths)
-            figures["switches"] = switches / len(paths)
+            figures["switches"] = switches[0] / len(paths)
+            figures["preempted"] = switches[1] / len(paths)
             figures["images_per_s"] = len(paths) / wall
             for name, value in figures.items():
                 better = max if name == "images_per_s" else min
@@ -185,7 +192,7 @@ def _print_table(runs: dict[str, list[dict[str, float]]], args: argparse.Namespa
         if any(name not in run for tag in tags for run in runs[tag]):
             continue  # an older checkout's child does not measure it
         medians = [statistics.median(run[name] for run in runs[tag]) for tag in tags]
-        cells = [f"{m:.1f}" if name in ("images_per_s", "switches") else f"{m:.3f}" for m in medians]
+        cells = [f"{m:.1f}" if name in ("images_per_s", "switches", "preempted") else f"{m:.3f}" for m in medians]
         ratio = [f"{m / medians[0]:.2f}" for m in medians[1:]]
         print("| " + " | ".join([label, *cells, *ratio]) + " |")
     for tag in tags:

@@ -58,6 +58,27 @@ def test_full_batch_does_not_wait() -> None:
     batcher.stop(timeout=10)
 
 
+def test_the_batcher_is_woken_by_the_first_item_and_a_full_batch_only() -> None:
+    batcher = DynamicBatcher(Recorder(), max_batch_size=8, max_wait_s=30.0).start()
+    real_notify, notified = batcher._cond.notify, []
+
+    def notify(n: int = 1) -> None:
+        notified.append(batcher._queued())
+        real_notify(n)
+
+    batcher._cond.notify = notify  # type: ignore[method-assign]
+    try:
+        futures = [batcher.submit(i) for i in range(7)]
+        assert notified == [1]  # items 2-7 leave the batcher waiting for its batch to fill
+        futures.append(batcher.submit(7))
+        assert notified == [1, 8]
+        started = time.monotonic()
+        assert [f.result(timeout=10) for f in futures] == [f"out:{i}" for i in range(8)]
+        assert time.monotonic() - started < 5.0  # the full batch ran, far below the 30 s wait
+    finally:
+        batcher.stop(timeout=10)
+
+
 def test_a_failing_batch_fails_whole_once_and_the_batcher_keeps_serving() -> None:
     calls: list[list[object]] = []
 

@@ -243,7 +243,12 @@ class DynamicBatcher(Generic[Item, Output]):
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
             self._lanes[lane].append(pending)
-            self._cond.notify()
+            queued = self._queued()
+            # Only the first item (the batcher may wait for any) and a full batch wake it; in
+            # between, its timed wait for the batch to fill ends by itself. A wake-up per image
+            # would make the one batcher thread take the GIL back once per image for nothing.
+            if queued == 1 or queued >= self.max_batch_size:
+                self._cond.notify()
         return pending.future
 
     def flush(self) -> None:
