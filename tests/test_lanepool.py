@@ -292,3 +292,30 @@ def test_the_answer_for_a_given_up_item_knows_it_is_one(no_stuck_threads: None) 
     finally:
         stalled.release.set()
         pool.shutdown()
+
+
+def test_the_answer_for_a_given_up_item_knows_when_its_work_began(no_stuck_threads: None) -> None:
+    """The answer for a given-up item must say how long the image took in all (its stall on the
+    lane thread included), not how long the answer took: it can ask when its item began."""
+    pool, stalled = LanePool(1, "test-began"), _Stalled()
+    began: dict[object, float] = {}
+
+    def noting(item: object) -> tuple[object, str]:
+        began.setdefault(item, time.monotonic())  # the first start: on the lane thread
+        outcome = stalled(item)
+        if item == "stuck":
+            answered = time.monotonic()
+            # The answer's own start is now; its item's work began on the lane thread, queued
+            # before, and (by the time the answer is due) past a deadline ago.
+            assert queued <= deadlines.work_started(answered) <= began["stuck"] < answered - DEADLINE_S
+        return outcome
+
+    try:
+        queued = time.monotonic()
+        assert [r[1] for r in pool.imap(noting, ["stuck"])] == ["timed out: deadline"]
+        outside = time.monotonic()
+        assert deadlines.work_started(outside) == outside  # not answering for a given-up item
+    finally:
+        stalled.release.set()
+        pool.shutdown()
+

@@ -145,10 +145,11 @@ class LanePool:
             runner.thread.start()
 
     def _serve(self, runner: _Runner) -> None:
-        inbox = self._inbox
+        inbox, clock = self._inbox, time.monotonic
         while (item := inbox.get()) is not None:
             if not item.cancelled:
                 item.runner, runner.item = runner, item
+                item.started = clock()
                 try:
                     with watching(item):
                         item.value = item.function(item.argument)
