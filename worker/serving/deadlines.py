@@ -11,9 +11,10 @@ enforced *around* it instead, by letting the blocked thread go, in one of two wa
   which runs ``score_many``'s images) the work runs inline, with no hand-off: the thread records
   its deadline in its item (a :class:`Watched`), and whoever waits for that item gives up on it
   past the deadline (:meth:`Watched.abandon`), answers for it (its elapsed time counted from
-  when its thread began it: :func:`work_started`), and starts a thread to take its place. The
-  two thread switches per image of the hand-off were, under a GIL shared with the batcher, as
-  costly as everything else the host does per image (bench/RESULTS.md).
+  when its thread began it: :func:`work_started`), and starts a thread to take its place; a
+  waiter that leaves early leaves a stand-in that gives up the same way, answering for nothing.
+  The two thread switches per image of the hand-off were, under a GIL shared with the batcher,
+  as costly as everything else the host does per image (bench/RESULTS.md).
 
 Either way, at most :data:`MAX_ABANDONED` threads are left blocked at once; then new work fails at
 once with ``timed_out()`` instead of starting more of them.
