@@ -292,3 +292,72 @@ def test_the_answer_for_a_given_up_item_knows_it_is_one(no_stuck_threads: None) 
     finally:
         stalled.release.set()
         pool.shutdown()
+
+
+def test_the_answer_for_a_given_up_item_knows_when_its_work_began(no_stuck_threads: None) -> None:
+    """The answer for a given-up item must say how long the image took in all (its stall on the
+    lane thread included), not how long the answer took: it can ask when its item began."""
+    pool, stalled = LanePool(1, "test-began"), _Stalled()
+    began: dict[object, float] = {}
+
+    def noting(item: object) -> tuple[object, str]:
+        began.setdefault(item, time.monotonic())  # the first start: on the lane thread
+        outcome = stalled(item)
+        if item == "stuck":
+            answered = time.monotonic()
+            # The answer's own start is now; its item's work began on the lane thread, queued
+            # before, and (by the time the answer is due) past a deadline ago.
+            assert queued <= deadlines.work_started(answered) <= began["stuck"] < answered - DEADLINE_S
+        return outcome
+
+    try:
+        queued = time.monotonic()
+        assert [r[1] for r in pool.imap(noting, ["stuck"])] == ["timed out: deadline"]
+        outside = time.monotonic()
+        assert deadlines.work_started(outside) == outside  # not answering for a given-up item
+    finally:
+        stalled.release.set()
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("leaving", ["an error in its place", "the iterator closed"])
+def test_a_consumer_that_left_early_still_gives_up_on_its_stuck_item(
+    no_stuck_threads: None, leaving: str
+) -> None:
+    """A consumer that stops reading (an error raised in its place, as a task's hand-back while
+    the worker drains; a generator closed) must not leave its stuck items' threads stuck until
+    shutdown: a stand-in gives them up at their deadline all the same (their fetch budget given
+    back, their threads replaced), and answers for none of them."""
+    pool, stalled = LanePool(2, "test-left"), _Stalled()
+    released: list[object] = []
+    stuck_on: list[threading.Thread] = []
+
+    def work(item: object) -> tuple[object, str]:
+        if item == "boom":
+            raise ValueError("boom")
+        if item == "stuck":
+            stuck_on.append(threading.current_thread())
+        deadlines.on_abandon(lambda: released.append(item))
+        return stalled(item)
+
+    try:
+        results = pool.imap(work, ["boom" if leaving == "an error in its place" else "a", "stuck"])
+        wait_until(lambda: stuck_on, 10, "the stuck item started")
+        if leaving == "an error in its place":
+            with pytest.raises(ValueError, match="boom"):
+                next(results)
+        else:
+            assert next(results) == ("a", "bytes of a")
+            results.close()
+        # No more calls on the pool: nobody but the stand-in is there to give up on "stuck".
+        wait_until(lambda: released == ["stuck"], GIVE_UP_BOUND_S, "the stuck item given up on")
+        assert deadlines.abandoned_count() == 1
+        wait_until(lambda: len(pool.threads) == 2, 10, "a thread in place of the stuck one")
+        assert stuck_on[0] not in pool.threads
+        stalled.release.set()
+        stuck_on[0].join(10)
+        assert not stuck_on[0].is_alive()
+        assert [end for end in stalled.ended if end[0] == "stuck"] == []  # no answer made
+    finally:
+        stalled.release.set()
+        pool.shutdown()

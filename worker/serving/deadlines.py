@@ -10,9 +10,11 @@ enforced *around* it instead, by letting the blocked thread go, in one of two wa
 - On a thread that is itself expendable (a lane thread of :class:`worker.serving.lanepool.LanePool`,
   which runs ``score_many``'s images) the work runs inline, with no hand-off: the thread records
   its deadline in its item (a :class:`Watched`), and whoever waits for that item gives up on it
-  past the deadline (:meth:`Watched.abandon`), answers for it, and starts a thread to take its
-  place. The two thread switches per image of the hand-off were, under a GIL shared with the
-  batcher, as costly as everything else the host does per image (bench/RESULTS.md).
+  past the deadline (:meth:`Watched.abandon`), answers for it (its elapsed time counted from
+  when its thread began it: :func:`work_started`), and starts a thread to take its place; a
+  waiter that leaves early leaves a stand-in that gives up the same way, answering for nothing.
+  The two thread switches per image of the hand-off were, under a GIL shared with the batcher,
+  as costly as everything else the host does per image (bench/RESULTS.md).
 
 Either way, at most :data:`MAX_ABANDONED` threads are left blocked at once; then new work fails at
 once with ``timed_out()`` instead of starting more of them.
@@ -59,14 +61,18 @@ def _refuse_when_full(timed_out: TimedOut) -> None:
 
 
 class Watched:
-    """An item run on an expendable thread: its deadline while in work that may block, and
-    whether its waiter has given up on it. Subclassed by the lane pool's item."""
+    """An item run on an expendable thread: when its work began, its deadline while in work
+    that may block, and whether its waiter has given up on it. Subclassed by the lane pool's
+    item."""
 
-    __slots__ = ("deadline", "abandoned", "on_abandon")
+    __slots__ = ("deadline", "abandoned", "on_abandon", "started")
 
     def __init__(self) -> None:
         self.deadline: float | None = None
         self.abandoned = False
+        # When the expendable thread began the item's work (time.monotonic(), set by whoever
+        # runs it there): the answer for an item given up on counts its time from then.
+        self.started = 0.0
         # What the stuck thread holds that must not wait for its read to return (its fetch
         # budget): given back by whoever gives up on the item (see :func:`on_abandon`).
         self.on_abandon: Callable[[], None] | None = None
@@ -117,6 +123,14 @@ def answering_for_abandoned() -> bool:
     started, and now only gets its ``fetch_timeout`` answer."""
     item: Watched | None = getattr(_local, "item", None)
     return item is not None and item.abandoned
+
+
+def work_started(default: float) -> float:
+    """When this thread's item began its work on its expendable thread, if this thread is
+    answering for an item given up on (its answer's elapsed time then covers the stall, not just
+    the answer); else ``default``."""
+    item: Watched | None = getattr(_local, "item", None)
+    return item.started if item is not None and item.abandoned else default
 
 
 class watching:  # noqa: N801 - used as a context manager, like contextlib's

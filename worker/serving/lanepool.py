@@ -12,7 +12,11 @@ A lane thread is expendable: the fetches of the function it runs take no hand-of
 helper but run inline (worker/serving/deadlines.py), and the consumer waiting for an item gives
 up on it once its fetch is overdue: it runs the function for that item itself, where the fetch
 then fails at once with ``fetch_timeout``, and starts a thread in place of the stuck one (which
-ends when, if ever, its read returns). :meth:`shutdown` gives up on such items too.
+ends when, if ever, its read returns). A consumer that leaves early (an exception in its place,
+the iterator closed) leaves a stand-in thread that waits for the items still running, as it
+would have, and gives up on the overdue ones without answering for them: nobody reads those
+answers, but the pool must not stay short of the threads stuck in them. :meth:`shutdown` gives
+up on such items too (also those of a map whose results were never read at all).
 
 Semantics kept from ``Executor.map``: every item is queued at once (the function runs for all
 of them even if the results are never read), results in input order, the first exception is
@@ -23,6 +27,7 @@ thread has started yet. :meth:`shutdown` runs what is queued, then ends the thre
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -111,8 +116,21 @@ class LanePool:
                     raise error
                 yield item.value  # type: ignore[misc]
         finally:
-            for item in queued:  # those a thread has not taken yet are skipped
-                item.cancelled = True
+            if queued:  # the consumer left early
+                for item in queued:  # those a thread has not taken yet are skipped
+                    item.cancelled = True
+                pending = [item for item in reversed(queued) if item.done.locked()]  # input order
+                # (No thread starts at interpreter exit, where a generator may be closed last.)
+                if pending and not sys.is_finalizing():
+                    threading.Thread(
+                        target=self._stand_in, args=(pending,), name=f"{self._name}-stand-in", daemon=True
+                    ).start()
+
+    def _stand_in(self, items: list[_Item]) -> None:
+        """Wait for the items of a consumer that left, in order, giving up on the overdue (and
+        replacing their threads) as that consumer would have; answer for none of them."""
+        for item in items:
+            self._wait(item)
 
     def _wait(self, item: _Item) -> bool:
         """Wait for ``item`` to be run; False once it was given up on, its fetch overdue."""
@@ -145,10 +163,11 @@ class LanePool:
             runner.thread.start()
 
     def _serve(self, runner: _Runner) -> None:
-        inbox = self._inbox
+        inbox, clock = self._inbox, time.monotonic
         while (item := inbox.get()) is not None:
             if not item.cancelled:
                 item.runner, runner.item = runner, item
+                item.started = clock()
                 try:
                     with watching(item):
                         item.value = item.function(item.argument)

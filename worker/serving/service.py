@@ -390,7 +390,10 @@ class ScoringService:
     def error_result(
         self, uri: object, error: BaseException, sha256: str | None, started: float
     ) -> Result:
-        """The error result for ``error``, counted and (if unexpected) logged."""
+        """The error result for ``error``, counted and (if unexpected) logged. The answer for an
+        image whose stuck fetch was given up on (always an error: its fetch fails at once) counts
+        from when its lane thread began it, not from ``started``, the answer's own start."""
+        started = deadlines.work_started(started)
         result = self.results.from_exception(uri, error, sha256=sha256, elapsed_ms=_ms_since(started))
         code = result["error"]["code"] if result["error"] else ErrorCode.INTERNAL.value
         metrics.ERRORS.labels(code).inc()
