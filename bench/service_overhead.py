@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--decode", default="gpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="fetch threads (default TASK_CONCURRENCY)")
+    parser.add_argument("--threads-before", type=int, default=None,
+                        help="fetch threads for the --before checkouts (default: --threads)")
     parser.add_argument("--data", type=Path, default=None, help="reuse a built tower and images here")
     parser.add_argument(
         "--before", type=Path, action="append", default=[],
@@ -150,7 +152,8 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {tag: [] for tag in trees}
         for _ in range(args.rounds):
             for tag, tree in trees.items():
-                runs[tag].append(_run_child(tree, root, args))
+                threads = args.threads if tree == ROOT or args.threads_before is None else args.threads_before
+                runs[tag].append(_run_child(tree, root, args, threads))
     _print_table(runs, args)
 
 
@@ -166,11 +169,11 @@ def _prepare_data(root: Path, args: argparse.Namespace) -> None:
         make_jpegs(images, args.images, size=(width, height))
 
 
-def _run_child(tree: Path, root: Path, args: argparse.Namespace) -> dict[str, float]:
+def _run_child(tree: Path, root: Path, args: argparse.Namespace, threads: int) -> dict[str, float]:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--child", str(tree), "--data", str(root),
         "--images", str(args.images), "--size", args.size, "--passes", str(args.passes),
-        "--decode", args.decode, "--batch", str(args.batch), "--threads", str(args.threads),
+        "--decode", args.decode, "--batch", str(args.batch), "--threads", str(threads),
     ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
@@ -183,7 +186,9 @@ def _run_child(tree: Path, root: Path, args: argparse.Namespace) -> dict[str, fl
 def _print_table(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
     tags = list(runs)
     print(f"{args.images} JPEGs {args.size}, decode={args.decode}, batch {args.batch}, "
-          f"{args.threads or 'TASK_CONCURRENCY'} threads; median of {args.rounds} child processes "
+          f"{args.threads or 'TASK_CONCURRENCY'} threads"
+          + (f" ({args.threads_before or 'TASK_CONCURRENCY'} for --before)" if args.threads_before is not None else "")
+          + f"; median of {args.rounds} child processes "
           f"per checkout, each the best of {args.passes} passes\n")
     ratios = [f"{tag}/{tags[0]}" for tag in tags[1:]]
     print("| per image | " + " | ".join([*tags, *ratios]) + " |")
