@@ -194,7 +194,9 @@ def test_a_broken_model_requeues_its_work_and_exits_nonzero(fault: str, worker_e
             worker_env, url, url, tmp_path / "sick.log",
             FAULT_FORWARD=fault, FAULT_TRIGGER=str(trigger), REALSCORE_MAX_WAIT_MS="2000",
         ).start()
-        healthy = fault_worker(worker_env, url, url, tmp_path / "healthy.log")
+        # Started now (its start-up overlaps the sick one's), but consuming only the bulk queue,
+        # where nothing is sent, until the sick worker has exited: all the work goes to the sick.
+        healthy = fault_worker(worker_env, url, url, tmp_path / "healthy.log", "--queues", BULK_QUEUE).start()
         try:
             sick.wait_ready(app, START)
             assert app.send_task(SCORE, args=[pictures[0]]).get(timeout=60)["ok"]  # it worked once
@@ -204,7 +206,8 @@ def test_a_broken_model_requeues_its_work_and_exits_nonzero(fault: str, worker_e
             code = sick.process.wait(60)  # it stops by itself
             assert code != 0, sick.log()
             assert "the model is broken" in sick.log()
-            healthy.start().wait_ready(app, START)
+            healthy.wait_ready(app, START)
+            app.control.add_consumer(INTERACTIVE_QUEUE, destination=[healthy.node], reply=True, timeout=5)
             results = [h.get(timeout=60) for h in singles] + chunk.get(timeout=60)
         finally:
             sick.stop()
