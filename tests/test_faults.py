@@ -292,116 +292,6 @@ def test_warm_shutdown_hands_back_unstarted_images_at_once(worker_env: dict, pic
         broker.close()
 
 
-# A full Redis -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def noeviction_worker(worker_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[redis.Redis, Celery, WorkerProcess, Path]]:
-    """A private Redis under ``noeviction`` (as compose runs it) and a one-thread fault worker on
-    it whose fetch of any picture named ``hold-*`` waits while the release file exists. Yields
-    (store, app, worker, release file). The full-Redis tests share it (one start-up, not one
-    each): each must leave it running, and it must stop cleanly after them."""
-    folder = tmp_path_factory.mktemp("full-redis")
-    release = folder / "hold"
-    with private_redis() as url:
-        store = redis.Redis.from_url(url)
-        store.config_set("maxmemory-policy", "noeviction")
-        process = fault_worker(
-            worker_env, url, url, folder / "w.log", "--concurrency", "1",
-            FAULT_HOLD_URI="hold-", FAULT_TRIGGER=str(release),
-        ).start()
-        try:
-            app = make_app(url, url)
-            process.wait_ready(app, START)
-            yield store, app, process, release
-        finally:
-            code = process.stop()
-            store.close()
-        assert code == 0, process.log()
-
-
-@contextmanager
-def _holding(
-    noeviction_worker: tuple[redis.Redis, Celery, WorkerProcess, Path], served_dir: Path, name: str, seed: int
-) -> Iterator[tuple[redis.Redis, Celery, WorkerProcess, AsyncResult, Path, Callable[[], str]]]:
-    """The shared ``noeviction`` worker in the middle of a ``score`` task whose fetch of the
-    picture ``name`` (``hold-*``) waits while the release file exists. Yields (store, app, worker,
-    the task, release file, the worker's log since this test began)."""
-    store, app, process, release = noeviction_worker
-    assert process.process.poll() is None, process.log()
-    assert not store.llen(INTERACTIVE_QUEUE) and not store.hlen("unacked")  # nothing left over
-    begun = len(process.log())
-    held = served_dir / "faults" / f"{name}.png"
-    held.parent.mkdir(exist_ok=True)
-    noise_image(seed, (64, 64)).save(held)
-    release.touch()
-    try:
-        task = app.send_task(SCORE, args=[str(held)])
-        wait_until(lambda: active_on(app, process.node) == 1, 60, "the held task in the worker's hands")
-        yield store, app, process, task, release, lambda: process.log()[begun:]
-    finally:  # room again, and nothing held, for the next test (also after a failure)
-        release.unlink(missing_ok=True)
-        fillers = store.keys("filler:*")
-        if fillers:
-            store.delete(*fillers)
-        store.config_set("maxmemory", 0)
-
-
-def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(noeviction_worker, served_dir: Path) -> None:
-    """Under ``noeviction`` a full Redis refuses the result write: the message must not be
-    acknowledged. Once memory is freed, the task runs again and its caller gets the real result."""
-    # One thread, so one prefetch slot: the redelivery is only taken if the refused requeue
-    # gave this worker's slot back.
-    with _holding(noeviction_worker, served_dir, "hold-full", 7) as (store, app, process, handle, release, log):
-        held = served_dir / "faults" / "hold-full.png"
-        fill(store)  # from now on every write is refused
-        release.unlink()  # the task scores its image and tries to write the result
-        wait_until(lambda: "Redis refused to reject" in log(), 60, "the requeue refused")
-        assert "result not stored" in log()
-        assert process.process.poll() is None, process.log()  # the worker carries on
-        assert store.hlen("unacked") == 1  # not acknowledged: still Redis's to redeliver
-        assert AsyncResult(handle.id, app=app).state == "PENDING"
-        store.delete(*store.keys("filler:*"))
-        # Redelivered after the visibility timeout (10 s), then scored again.
-        result = handle.get(timeout=90)
-        assert result["ok"] and result["uri"] == str(held), result
-        assert isinstance(result["score"], float)
-        assert "result write failed" in log()
-        wait_until(lambda: not store.hlen("unacked"), 10, "the redelivery acknowledged")
-        assert process.process.poll() is None, process.log()
-
-
-@pytest.mark.slow  # the first task waits out the visibility timeout
-def test_a_message_taken_from_a_full_redis_is_not_lost(noeviction_worker, pictures: list[str], served_dir: Path) -> None:
-    """Redis lets a worker pop a queued message when full (BRPOP frees memory) but refuses to
-    record it as unacknowledged (ZADD/HSET): the message must go back to its queue, and the worker
-    carry on, taking it once there is room."""
-    # One thread, one prefetch slot: the second task stays queued until the first gives its
-    # slot back, which it does (its requeue refused) only once Redis is full.
-    with _holding(noeviction_worker, served_dir, "hold-popped", 8) as (store, app, process, first, release, log):
-        held = served_dir / "faults" / "hold-popped.png"
-        queued = app.send_task(SCORE, args=[pictures[0]])
-        assert store.llen(INTERACTIVE_QUEUE) == 1
-        fill(store)
-        release.unlink()  # the first task's result is refused, its slot given back: the worker pops
-        wait_until(lambda: "went back to its queue" in log(), 60, "the popped message put back")
-        assert process.process.poll() is None, process.log()  # the worker carries on
-        # Back in the queue (the worker pops it again about once a second and puts it back).
-        wait_until(lambda: store.llen(INTERACTIVE_QUEUE) == 1, 10, "the second task queued")
-        assert store.hlen("unacked") == 1  # the first task, for redelivery
-        store.delete(*store.keys("filler:*"))
-        second = queued.get(timeout=60)
-        result = first.get(timeout=90)  # redelivered after the visibility timeout (10 s)
-        assert second["ok"] and second["uri"] == pictures[0], second
-        assert result["ok"] and result["uri"] == str(held), result
-        wait_until(
-            lambda: not store.hlen("unacked") and not store.llen(INTERACTIVE_QUEUE), 10, "both acknowledged"
-        )
-        assert process.process.poll() is None, process.log()
-        # kombu's sweeps on a full Redis are not logged as errors with a traceback each second.
-        assert "Error in timer" not in log() and "binding_expiry" not in log()
-
-
 # Redis restarted mid-run ------------------------------------------------------------------------
 
 
@@ -514,3 +404,114 @@ def test_a_skipped_redelivery_gives_its_bulk_slot_back(worker_env: dict, picture
         assert AsyncResult(skipped.id, app=app).get(timeout=5) == done  # not run again
         assert code == 0, process.log()
         broker.close()
+
+
+# A full Redis -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noeviction_worker(worker_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[redis.Redis, Celery, WorkerProcess, Path]]:
+    """A private Redis under ``noeviction`` (as compose runs it) and a one-thread fault worker on
+    it whose fetch of any picture named ``hold-*`` waits while the release file exists. Yields
+    (store, app, worker, release file). The full-Redis tests share it (one start-up, not one
+    each): each must leave it running, and it must stop cleanly after them. They come last in
+    this module, so that it stops right after them."""
+    folder = tmp_path_factory.mktemp("full-redis")
+    release = folder / "hold"
+    with private_redis() as url:
+        store = redis.Redis.from_url(url)
+        store.config_set("maxmemory-policy", "noeviction")
+        process = fault_worker(
+            worker_env, url, url, folder / "w.log", "--concurrency", "1",
+            FAULT_HOLD_URI="hold-", FAULT_TRIGGER=str(release),
+        ).start()
+        try:
+            app = make_app(url, url)
+            process.wait_ready(app, START)
+            yield store, app, process, release
+        finally:
+            code = process.stop()
+            store.close()
+        assert code == 0, process.log()
+
+
+@contextmanager
+def _holding(
+    noeviction_worker: tuple[redis.Redis, Celery, WorkerProcess, Path], served_dir: Path, name: str, seed: int
+) -> Iterator[tuple[redis.Redis, Celery, WorkerProcess, AsyncResult, Path, Callable[[], str]]]:
+    """The shared ``noeviction`` worker in the middle of a ``score`` task whose fetch of the
+    picture ``name`` (``hold-*``) waits while the release file exists. Yields (store, app, worker,
+    the task, release file, the worker's log since this test began)."""
+    store, app, process, release = noeviction_worker
+    assert process.process.poll() is None, process.log()
+    assert not store.llen(INTERACTIVE_QUEUE) and not store.hlen("unacked")  # nothing left over
+    begun = len(process.log())
+    held = served_dir / "faults" / f"{name}.png"
+    held.parent.mkdir(exist_ok=True)
+    noise_image(seed, (64, 64)).save(held)
+    release.touch()
+    try:
+        task = app.send_task(SCORE, args=[str(held)])
+        wait_until(lambda: active_on(app, process.node) == 1, 60, "the held task in the worker's hands")
+        yield store, app, process, task, release, lambda: process.log()[begun:]
+    finally:  # room again, and nothing held, for the next test (also after a failure)
+        release.unlink(missing_ok=True)
+        fillers = store.keys("filler:*")
+        if fillers:
+            store.delete(*fillers)
+        store.config_set("maxmemory", 0)
+
+
+def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(noeviction_worker, served_dir: Path) -> None:
+    """Under ``noeviction`` a full Redis refuses the result write: the message must not be
+    acknowledged. Once memory is freed, the task runs again and its caller gets the real result."""
+    # One thread, so one prefetch slot: the redelivery is only taken if the refused requeue
+    # gave this worker's slot back.
+    with _holding(noeviction_worker, served_dir, "hold-full", 7) as (store, app, process, handle, release, log):
+        held = served_dir / "faults" / "hold-full.png"
+        fill(store)  # from now on every write is refused
+        release.unlink()  # the task scores its image and tries to write the result
+        wait_until(lambda: "Redis refused to reject" in log(), 60, "the requeue refused")
+        assert "result not stored" in log()
+        assert process.process.poll() is None, process.log()  # the worker carries on
+        assert store.hlen("unacked") == 1  # not acknowledged: still Redis's to redeliver
+        assert AsyncResult(handle.id, app=app).state == "PENDING"
+        store.delete(*store.keys("filler:*"))
+        # Redelivered after the visibility timeout (10 s), then scored again.
+        result = handle.get(timeout=90)
+        assert result["ok"] and result["uri"] == str(held), result
+        assert isinstance(result["score"], float)
+        assert "result write failed" in log()
+        wait_until(lambda: not store.hlen("unacked"), 10, "the redelivery acknowledged")
+        assert process.process.poll() is None, process.log()
+
+
+@pytest.mark.slow  # the first task waits out the visibility timeout
+def test_a_message_taken_from_a_full_redis_is_not_lost(noeviction_worker, pictures: list[str], served_dir: Path) -> None:
+    """Redis lets a worker pop a queued message when full (BRPOP frees memory) but refuses to
+    record it as unacknowledged (ZADD/HSET): the message must go back to its queue, and the worker
+    carry on, taking it once there is room."""
+    # One thread, one prefetch slot: the second task stays queued until the first gives its
+    # slot back, which it does (its requeue refused) only once Redis is full.
+    with _holding(noeviction_worker, served_dir, "hold-popped", 8) as (store, app, process, first, release, log):
+        held = served_dir / "faults" / "hold-popped.png"
+        queued = app.send_task(SCORE, args=[pictures[0]])
+        assert store.llen(INTERACTIVE_QUEUE) == 1
+        fill(store)
+        release.unlink()  # the first task's result is refused, its slot given back: the worker pops
+        wait_until(lambda: "went back to its queue" in log(), 60, "the popped message put back")
+        assert process.process.poll() is None, process.log()  # the worker carries on
+        # Back in the queue (the worker pops it again about once a second and puts it back).
+        wait_until(lambda: store.llen(INTERACTIVE_QUEUE) == 1, 10, "the second task queued")
+        assert store.hlen("unacked") == 1  # the first task, for redelivery
+        store.delete(*store.keys("filler:*"))
+        second = queued.get(timeout=60)
+        result = first.get(timeout=90)  # redelivered after the visibility timeout (10 s)
+        assert second["ok"] and second["uri"] == pictures[0], second
+        assert result["ok"] and result["uri"] == str(held), result
+        wait_until(
+            lambda: not store.hlen("unacked") and not store.llen(INTERACTIVE_QUEUE), 10, "both acknowledged"
+        )
+        assert process.process.poll() is None, process.log()
+        # kombu's sweeps on a full Redis are not logged as errors with a traceback each second.
+        assert "Error in timer" not in log() and "binding_expiry" not in log()
