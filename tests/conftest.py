@@ -38,16 +38,23 @@ def loaded_model(tiny_clip_dir: Path, seed_checkpoint: Path):
     return load_model(str(tiny_clip_dir), seed_checkpoint, device="cpu", dtype="float32")
 
 
-@pytest.fixture()
-def realscore_env(monkeypatch: pytest.MonkeyPatch, tiny_clip_dir: Path, seed_checkpoint: Path) -> dict:
-    """Environment that points realscore at the tiny model, for in-process and subprocess use."""
-    env = {
+@pytest.fixture(scope="session")
+def tiny_model_env(tiny_clip_dir: Path, seed_checkpoint: Path) -> dict[str, str]:
+    """The variables that point realscore at the tiny model (for a subprocess that a fixture
+    wider than one test starts; a test itself uses ``realscore_env``)."""
+    return {
         "REALSCORE_MODEL": str(tiny_clip_dir),
         "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint),
         "REALSCORE_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
+
+
+@pytest.fixture()
+def realscore_env(monkeypatch: pytest.MonkeyPatch, tiny_model_env: dict[str, str]) -> dict:
+    """Environment that points realscore at the tiny model, for in-process and subprocess use."""
+    env = dict(tiny_model_env)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     from shared.settings import get_settings

@@ -1,5 +1,6 @@
 """Faults lose nothing: real ``realscore worker`` processes (with faults injected by
-``tests.fault_worker``), a private ``redis-server`` per test, and RabbitMQ where it runs.
+``tests.fault_worker``), a private ``redis-server`` per test (the two full-Redis tests share one,
+and its worker), and RabbitMQ where it runs.
 
 Every wait is a bounded poll; no assertion depends on how fast anything ran. Timeouts are set
 short for the tests (a 10 s visibility timeout, a 2.5 s forward deadline, two attempts).
@@ -13,7 +14,7 @@ import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -194,7 +195,9 @@ def test_a_broken_model_requeues_its_work_and_exits_nonzero(fault: str, worker_e
             worker_env, url, url, tmp_path / "sick.log",
             FAULT_FORWARD=fault, FAULT_TRIGGER=str(trigger), REALSCORE_MAX_WAIT_MS="2000",
         ).start()
-        healthy = fault_worker(worker_env, url, url, tmp_path / "healthy.log")
+        # Started now (its start-up overlaps the sick one's), but consuming only the bulk queue,
+        # where nothing is sent, until the sick worker has exited: all the work goes to the sick.
+        healthy = fault_worker(worker_env, url, url, tmp_path / "healthy.log", "--queues", BULK_QUEUE).start()
         try:
             sick.wait_ready(app, START)
             assert app.send_task(SCORE, args=[pictures[0]]).get(timeout=60)["ok"]  # it worked once
@@ -204,7 +207,8 @@ def test_a_broken_model_requeues_its_work_and_exits_nonzero(fault: str, worker_e
             code = sick.process.wait(60)  # it stops by itself
             assert code != 0, sick.log()
             assert "the model is broken" in sick.log()
-            healthy.start().wait_ready(app, START)
+            healthy.wait_ready(app, START)
+            app.control.add_consumer(INTERACTIVE_QUEUE, destination=[healthy.node], reply=True, timeout=5)
             results = [h.get(timeout=60) for h in singles] + chunk.get(timeout=60)
         finally:
             sick.stop()
@@ -221,8 +225,11 @@ def test_a_broken_model_requeues_its_work_and_exits_nonzero(fault: str, worker_e
 def test_a_uri_that_kills_its_worker_fails_alone_in_its_chunk(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
     poison = served_dir / "faults" / "crash-worker.png"
     noise_image(99, (64, 64)).save(poison)
-    uris = [pictures[i % 4] for i in range(256)]
-    uris[100] = str(poison)
+    # 64 images, the poison at 30: more than a batch (16) on either side of it. Each careful
+    # delivery scores its images one at a time, well within the visibility timeout (10 s).
+    at = 30
+    uris = [pictures[i % 4] for i in range(64)]
+    uris[at] = str(poison)
     with private_redis() as url:
         app = make_app(url, url)
         store = redis.Redis.from_url(url)
@@ -234,8 +241,6 @@ def test_a_uri_that_kills_its_worker_fails_alone_in_its_chunk(worker_env: dict, 
             return fault_worker(
                 worker_env, url, url, tmp_path / f"w{starts}.log", FAULT_EXIT_URI="crash-worker",
                 REALSCORE_MAX_WAIT_MS="5",  # image by image: no waiting for company
-                # 256 images one at a time take seconds on a busy CI box: keep them within it.
-                REALSCORE_VISIBILITY_TIMEOUT="20",
             ).start()
 
         current = new_worker()
@@ -255,9 +260,9 @@ def test_a_uri_that_kills_its_worker_fails_alone_in_its_chunk(worker_env: dict, 
             current.stop()
         assert starts == 3, (AsyncResult(handle.id, app=app).state, str(AsyncResult(handle.id, app=app).result)[:800])  # delivery 1 crashed, the careful last attempt crashed at the poison
         failed = [(i, row["error"]) for i, row in enumerate(rows) if not row["ok"]]
-        assert [i for i, _ in failed] == [100], failed[:5]
-        assert rows[100]["error"]["code"] == "internal" and "died" in rows[100]["error"]["message"]
-        assert sum(row["ok"] for row in rows) == 255
+        assert [i for i, _ in failed] == [at], failed[:5]
+        assert rows[at]["error"]["code"] == "internal" and "died" in rows[at]["error"]["message"]
+        assert sum(row["ok"] for row in rows) == len(uris) - 1
         letters = read_dead_letters(store)
         assert [(entry["task_id"], entry["uris"]) for entry in letters] == [(handle.id, [str(poison)])]
         store.close()
@@ -285,106 +290,6 @@ def test_warm_shutdown_hands_back_unstarted_images_at_once(worker_env: dict, pic
         assert not broker.hlen("unacked")
         assert AsyncResult(handle.id, app=app).state != "SUCCESS"
         broker.close()
-
-
-# A full Redis -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def _holding_worker_on_noeviction_redis(
-    worker_env: dict, served_dir: Path, tmp_path: Path, name: str, seed: int
-) -> Iterator[tuple[redis.Redis, Celery, WorkerProcess, AsyncResult, Path]]:
-    """A private Redis under ``noeviction`` (as compose runs it) and a one-thread fault worker on
-    it, in the middle of a ``score`` task whose fetch of the picture ``name`` waits while the
-    release file exists. Yields (store, app, worker, the task, release file); the caller stops
-    the worker."""
-    held = served_dir / "faults" / f"{name}.png"
-    noise_image(seed, (64, 64)).save(held)
-    release = tmp_path / "hold"
-    release.touch()
-    with private_redis() as url:
-        store = redis.Redis.from_url(url)
-        store.config_set("maxmemory-policy", "noeviction")
-        process = fault_worker(
-            worker_env, url, url, tmp_path / "w.log", "--concurrency", "1",
-            FAULT_HOLD_URI=name, FAULT_TRIGGER=str(release),
-        ).start()
-        app = make_app(url, url)
-        try:
-            process.wait_ready(app, START)
-            task = app.send_task(SCORE, args=[str(held)])
-            wait_until(lambda: active_on(app, process.node) == 1, 60, "the held task in the worker's hands")
-        except BaseException:
-            process.stop()
-            raise
-        yield store, app, process, task, release
-
-
-def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
-    """Under ``noeviction`` a full Redis refuses the result write: the message must not be
-    acknowledged. Once memory is freed, the task runs again and its caller gets the real result."""
-    # One thread, so one prefetch slot: the redelivery is only taken if the refused requeue
-    # gave this worker's slot back.
-    with _holding_worker_on_noeviction_redis(worker_env, served_dir, tmp_path, "hold-full", 7) as (
-        store, app, process, handle, release,
-    ):
-        held = served_dir / "faults" / "hold-full.png"
-        try:
-            fill(store)  # from now on every write is refused
-            release.unlink()  # the task scores its image and tries to write the result
-            wait_until(lambda: "Redis refused to reject" in process.log(), 60, "the requeue refused")
-            assert "result not stored" in process.log()
-            assert process.process.poll() is None, process.log()  # the worker carries on
-            assert store.hlen("unacked") == 1  # not acknowledged: still Redis's to redeliver
-            assert AsyncResult(handle.id, app=app).state == "PENDING"
-            store.delete(*store.keys("filler:*"))
-            # Redelivered after the visibility timeout (10 s), then scored again.
-            result = handle.get(timeout=90)
-            assert process.process.poll() is None, process.log()
-        finally:
-            code = process.stop()
-        assert result["ok"] and result["uri"] == str(held), result
-        assert isinstance(result["score"], float)
-        assert "result write failed" in process.log()
-        assert code == 0, process.log()
-        assert not store.hlen("unacked")
-        store.close()
-
-
-@pytest.mark.slow  # the first task waits out the visibility timeout
-def test_a_message_taken_from_a_full_redis_is_not_lost(worker_env: dict, pictures: list[str], served_dir: Path, tmp_path: Path) -> None:
-    """Redis lets a worker pop a queued message when full (BRPOP frees memory) but refuses to
-    record it as unacknowledged (ZADD/HSET): the message must go back to its queue, and the worker
-    carry on, taking it once there is room."""
-    # One thread, one prefetch slot: the second task stays queued until the first gives its
-    # slot back, which it does (its requeue refused) only once Redis is full.
-    with _holding_worker_on_noeviction_redis(worker_env, served_dir, tmp_path, "hold-popped", 8) as (
-        store, app, process, first, release,
-    ):
-        held = served_dir / "faults" / "hold-popped.png"
-        try:
-            queued = app.send_task(SCORE, args=[pictures[0]])
-            assert store.llen(INTERACTIVE_QUEUE) == 1
-            fill(store)
-            release.unlink()  # the first task's result is refused, its slot given back: the worker pops
-            wait_until(lambda: "went back to its queue" in process.log(), 60, "the popped message put back")
-            assert process.process.poll() is None, process.log()  # the worker carries on
-            # Back in the queue (the worker pops it again about once a second and puts it back).
-            wait_until(lambda: store.llen(INTERACTIVE_QUEUE) == 1, 10, "the second task queued")
-            assert store.hlen("unacked") == 1  # the first task, for redelivery
-            store.delete(*store.keys("filler:*"))
-            second = queued.get(timeout=60)
-            result = first.get(timeout=90)  # redelivered after the visibility timeout (10 s)
-            assert process.process.poll() is None, process.log()
-        finally:
-            code = process.stop()
-        assert second["ok"] and second["uri"] == pictures[0], second
-        assert result["ok"] and result["uri"] == str(held), result
-        assert code == 0, process.log()
-        # kombu's sweeps on a full Redis are not logged as errors with a traceback each second.
-        assert "Error in timer" not in process.log() and "binding_expiry" not in process.log()
-        assert not store.hlen("unacked") and not store.llen(INTERACTIVE_QUEUE)
-        store.close()
 
 
 # Redis restarted mid-run ------------------------------------------------------------------------
@@ -499,3 +404,114 @@ def test_a_skipped_redelivery_gives_its_bulk_slot_back(worker_env: dict, picture
         assert AsyncResult(skipped.id, app=app).get(timeout=5) == done  # not run again
         assert code == 0, process.log()
         broker.close()
+
+
+# A full Redis -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noeviction_worker(worker_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[redis.Redis, Celery, WorkerProcess, Path]]:
+    """A private Redis under ``noeviction`` (as compose runs it) and a one-thread fault worker on
+    it whose fetch of any picture named ``hold-*`` waits while the release file exists. Yields
+    (store, app, worker, release file). The full-Redis tests share it (one start-up, not one
+    each): each must leave it running, and it must stop cleanly after them. They come last in
+    this module, so that it stops right after them."""
+    folder = tmp_path_factory.mktemp("full-redis")
+    release = folder / "hold"
+    with private_redis() as url:
+        store = redis.Redis.from_url(url)
+        store.config_set("maxmemory-policy", "noeviction")
+        process = fault_worker(
+            worker_env, url, url, folder / "w.log", "--concurrency", "1",
+            FAULT_HOLD_URI="hold-", FAULT_TRIGGER=str(release),
+        ).start()
+        try:
+            app = make_app(url, url)
+            process.wait_ready(app, START)
+            yield store, app, process, release
+        finally:
+            code = process.stop()
+            store.close()
+        assert code == 0, process.log()
+
+
+@contextmanager
+def _holding(
+    noeviction_worker: tuple[redis.Redis, Celery, WorkerProcess, Path], served_dir: Path, name: str, seed: int
+) -> Iterator[tuple[redis.Redis, Celery, WorkerProcess, AsyncResult, Path, Callable[[], str]]]:
+    """The shared ``noeviction`` worker in the middle of a ``score`` task whose fetch of the
+    picture ``name`` (``hold-*``) waits while the release file exists. Yields (store, app, worker,
+    the task, release file, the worker's log since this test began)."""
+    store, app, process, release = noeviction_worker
+    assert process.process.poll() is None, process.log()
+    assert not store.llen(INTERACTIVE_QUEUE) and not store.hlen("unacked")  # nothing left over
+    begun = len(process.log())
+    held = served_dir / "faults" / f"{name}.png"
+    held.parent.mkdir(exist_ok=True)
+    noise_image(seed, (64, 64)).save(held)
+    release.touch()
+    try:
+        task = app.send_task(SCORE, args=[str(held)])
+        wait_until(lambda: active_on(app, process.node) == 1, 60, "the held task in the worker's hands")
+        yield store, app, process, task, release, lambda: process.log()[begun:]
+    finally:  # room again, and nothing held, for the next test (also after a failure)
+        release.unlink(missing_ok=True)
+        fillers = store.keys("filler:*")
+        if fillers:
+            store.delete(*fillers)
+        store.config_set("maxmemory", 0)
+
+
+def test_a_result_that_cannot_be_written_to_a_full_redis_is_not_lost(noeviction_worker, served_dir: Path) -> None:
+    """Under ``noeviction`` a full Redis refuses the result write: the message must not be
+    acknowledged. Once memory is freed, the task runs again and its caller gets the real result."""
+    # One thread, so one prefetch slot: the redelivery is only taken if the refused requeue
+    # gave this worker's slot back.
+    with _holding(noeviction_worker, served_dir, "hold-full", 7) as (store, app, process, handle, release, log):
+        held = served_dir / "faults" / "hold-full.png"
+        fill(store)  # from now on every write is refused
+        release.unlink()  # the task scores its image and tries to write the result
+        wait_until(lambda: "Redis refused to reject" in log(), 60, "the requeue refused")
+        assert "result not stored" in log()
+        assert process.process.poll() is None, process.log()  # the worker carries on
+        assert store.hlen("unacked") == 1  # not acknowledged: still Redis's to redeliver
+        assert AsyncResult(handle.id, app=app).state == "PENDING"
+        store.delete(*store.keys("filler:*"))
+        # Redelivered after the visibility timeout (10 s), then scored again.
+        result = handle.get(timeout=90)
+        assert result["ok"] and result["uri"] == str(held), result
+        assert isinstance(result["score"], float)
+        assert "result write failed" in log()
+        wait_until(lambda: not store.hlen("unacked"), 10, "the redelivery acknowledged")
+        assert process.process.poll() is None, process.log()
+
+
+@pytest.mark.slow  # the first task waits out the visibility timeout
+def test_a_message_taken_from_a_full_redis_is_not_lost(noeviction_worker, pictures: list[str], served_dir: Path) -> None:
+    """Redis lets a worker pop a queued message when full (BRPOP frees memory) but refuses to
+    record it as unacknowledged (ZADD/HSET): the message must go back to its queue, and the worker
+    carry on, taking it once there is room."""
+    # One thread, one prefetch slot: the second task stays queued until the first gives its
+    # slot back, which it does (its requeue refused) only once Redis is full.
+    with _holding(noeviction_worker, served_dir, "hold-popped", 8) as (store, app, process, first, release, log):
+        held = served_dir / "faults" / "hold-popped.png"
+        queued = app.send_task(SCORE, args=[pictures[0]])
+        assert store.llen(INTERACTIVE_QUEUE) == 1
+        fill(store)
+        release.unlink()  # the first task's result is refused, its slot given back: the worker pops
+        wait_until(lambda: "went back to its queue" in log(), 60, "the popped message put back")
+        assert process.process.poll() is None, process.log()  # the worker carries on
+        # Back in the queue (the worker pops it again about once a second and puts it back).
+        wait_until(lambda: store.llen(INTERACTIVE_QUEUE) == 1, 10, "the second task queued")
+        assert store.hlen("unacked") == 1  # the first task, for redelivery
+        store.delete(*store.keys("filler:*"))
+        second = queued.get(timeout=60)
+        result = first.get(timeout=90)  # redelivered after the visibility timeout (10 s)
+        assert second["ok"] and second["uri"] == pictures[0], second
+        assert result["ok"] and result["uri"] == str(held), result
+        wait_until(
+            lambda: not store.hlen("unacked") and not store.llen(INTERACTIVE_QUEUE), 10, "both acknowledged"
+        )
+        assert process.process.poll() is None, process.log()
+        # kombu's sweeps on a full Redis are not logged as errors with a traceback each second.
+        assert "Error in timer" not in log() and "binding_expiry" not in log()

@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +55,28 @@ def run_score_cli(env: dict[str, str], *args: str, cwd: Path | None = None) -> s
     )
 
 
-def test_cli_matches_seed_tensor_path_on_png(realscore_env: dict, image_dir: Path, tiny_clip_dir: Path, seed_checkpoint: Path) -> None:
-    images = sorted(image_dir.glob("*.png"))
-    done = run_score_cli(realscore_env, "--batch-size", "3", *map(str, images))
+@pytest.fixture(scope="module")
+def cli_runs(
+    tiny_model_env: dict[str, str], image_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[list[str], Future[subprocess.CompletedProcess]]]]:
+    """This module's two ``realscore score`` runs (seconds each: they load the model) start
+    together, each in a thread, when the first of their tests asks. Yields, by name, what each
+    scored and its run: ``png``, the PNGs of ``image_dir`` by absolute path; ``variants``, every
+    variant and bad file by relative path (run in their folder, so echoed as given)."""
+    pngs = [str(path) for path in sorted(image_dir.glob("*.png"))]
+    folder = tmp_path_factory.mktemp("variants")
+    names = list(write_variants(folder))
+    with ThreadPoolExecutor(2) as pool:
+        yield {
+            "png": (pngs, pool.submit(run_score_cli, tiny_model_env, "--batch-size", "3", *pngs)),
+            "variants": (names, pool.submit(run_score_cli, tiny_model_env, *names, cwd=folder)),
+        }
+
+
+def test_cli_matches_seed_tensor_path_on_png(cli_runs: dict, tiny_clip_dir: Path, seed_checkpoint: Path) -> None:
+    uris, run = cli_runs["png"]
+    images = [Path(uri) for uri in uris]
+    done = run.result()
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["uri"] for r in results] == [str(p) for p in images]
@@ -66,10 +87,9 @@ def test_cli_matches_seed_tensor_path_on_png(realscore_env: dict, image_dir: Pat
     assert all(r["ok"] and r["label"] == ("real" if r["score"] > 0 else "ai") for r in results)
 
 
-def test_cli_scores_every_variant_and_codes_every_bad_file(realscore_env: dict, tmp_path: Path) -> None:
-    files = write_variants(tmp_path)
-    names = list(files)
-    done = run_score_cli(realscore_env, *names, cwd=tmp_path)  # relative paths, echoed as given
+def test_cli_scores_every_variant_and_codes_every_bad_file(cli_runs: dict) -> None:
+    names, run = cli_runs["variants"]
+    done = run.result()  # relative paths, echoed as given
     assert done.returncode == 0, done.stderr
     results = {r["uri"]: r for r in map(json.loads, done.stdout.splitlines())}
     assert list(results) == names

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,9 @@ _DRIVER = (
 )
 
 
-def _realscore(args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+def _realscore(
+    args: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float = 60
+) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("REALSCORE_")}
     clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
@@ -35,7 +39,7 @@ def _realscore(args: list[str], env: dict[str, str], cwd: Path = REPO) -> subpro
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 
@@ -113,16 +117,38 @@ def test_missing_weights_exit_2_from_worker_and_score_alike(
     assert "torch not imported" in done.stderr
 
 
-@pytest.mark.parametrize("command", [["worker"], ["score", "x.png"]])
+@pytest.fixture(scope="module")
+def model_loading_runs(
+    tiny_clip_dir: Path, seed_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, Future[subprocess.CompletedProcess]], Path]]:
+    """The cases that get as far as loading the model (seconds each: they import torch and
+    transformers) all start when the first of their tests asks, each in a thread of its own: on
+    two cores three take about the time of two. Yields their runs by name, and the unloadable
+    head file."""
+    garbage = tmp_path_factory.mktemp("unloadable") / "head.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    on_cpu = {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_DEVICE": "cpu", "TRANSFORMERS_OFFLINE": "1"}
+    unloadable = {**on_cpu, "REALSCORE_HEAD_WEIGHTS": str(garbage)}
+    cases = {
+        "unloadable worker": (["worker"], unloadable),
+        "unloadable score": (["score", "x.png"], unloadable),
+        "cuda-graphs worker": (
+            ["worker"],
+            {**on_cpu, "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint), "REALSCORE_COMPILE": "cuda-graphs"},
+        ),
+    }
+    with ThreadPoolExecutor(len(cases)) as pool:
+        # A longer bound than one run alone needs: here they share the cores.
+        yield {name: pool.submit(_realscore, args, env, timeout=180) for name, (args, env) in cases.items()}, garbage
+
+
+@pytest.mark.parametrize("command", ["worker", "score"])
 def test_weights_that_do_not_load_exit_2_from_worker_and_score_alike(
-    command: list[str], tiny_clip_dir: Path, tmp_path: Path
+    command: str, model_loading_runs: tuple[dict[str, Future[subprocess.CompletedProcess]], Path]
 ) -> None:
     """Found, so past the pre-flight check, but the model cannot be built from them."""
-    garbage = tmp_path / "head.safetensors"
-    garbage.write_bytes(b"not a safetensors file")
-    env = {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_HEAD_WEIGHTS": str(garbage),
-           "REALSCORE_DEVICE": "cpu", "TRANSFORMERS_OFFLINE": "1"}
-    done = _realscore(command, env)
+    runs, garbage = model_loading_runs
+    done = runs[f"unloadable {command}"].result()
     assert done.returncode == 2, done.stderr
     assert str(garbage) in done.stderr and "Traceback" not in done.stderr
 
@@ -212,12 +238,12 @@ def test_default_weights_are_found_in_the_checkout_from_another_folder(
         model_files.head_weights_path(load_settings())
 
 
-def test_cuda_graphs_on_a_cpu_exit_2_from_the_worker(tiny_clip_dir: Path, seed_checkpoint: Path) -> None:
+def test_cuda_graphs_on_a_cpu_exit_2_from_the_worker(
+    model_loading_runs: tuple[dict[str, Future[subprocess.CompletedProcess]], Path]
+) -> None:
     """The worker's start path (embedded commands share ScoringService's check: test_service)."""
-    command = ["worker"]
-    env = {"REALSCORE_MODEL": str(tiny_clip_dir), "REALSCORE_HEAD_WEIGHTS": str(seed_checkpoint),
-           "REALSCORE_DEVICE": "cpu", "REALSCORE_COMPILE": "cuda-graphs", "TRANSFORMERS_OFFLINE": "1"}
-    done = _realscore(command, env)
+    runs, _ = model_loading_runs
+    done = runs["cuda-graphs worker"].result()
     assert done.returncode == 2, done.stderr
     assert "REALSCORE_COMPILE=cuda-graphs needs a CUDA device" in done.stderr
     assert "Traceback" not in done.stderr

@@ -31,17 +31,26 @@ def e2e_images(served_dir: Path) -> list[Path]:
     return paths
 
 
-def _embedded_scores(paths: list[Path], env: dict) -> dict[str, dict]:
+def _start_embedded(paths: list[Path], env: dict) -> subprocess.Popen:
     """``realscore score`` as a subprocess on the same files with the same model."""
-    done = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "score", *map(str, paths)],
         env={**os.environ, **env},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
     )
-    assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def _embedded_scores(process: subprocess.Popen) -> dict[str, dict]:
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr
+    rows = [json.loads(line) for line in stdout.splitlines()]
     return {row["uri"]: row for row in rows}
 
 
@@ -49,13 +58,17 @@ def test_fifty_tasks_match_the_embedded_scores_and_share_batches(
     worker, worker_env: dict, e2e_images: list[Path]
 ) -> None:
     port = int(worker_env["REALSCORE_METRICS_PORT"])
-    before = scrape(port)
-
-    handles = [client.submit(str(path), timeout=120) for path in e2e_images]  # all enqueued at once
-    results = [handle.get(timeout=120) for handle in handles]
-
-    after = scrape(port)
-    expected = _embedded_scores(e2e_images, worker_env)
+    embedded = _start_embedded(e2e_images, worker_env)  # loads its model meanwhile (seconds)
+    try:
+        before = scrape(port)
+        handles = [client.submit(str(path), timeout=120) for path in e2e_images]  # all enqueued at once
+        results = [handle.get(timeout=120) for handle in handles]
+        after = scrape(port)
+    except BaseException:
+        embedded.kill()
+        embedded.communicate()
+        raise
+    expected = _embedded_scores(embedded)
     assert len(expected) == len(e2e_images)
     for path, result in zip(e2e_images, results):
         assert result["uri"] == str(path)
