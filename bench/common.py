@@ -93,3 +93,11 @@ class Table:
         if self.out is not None:
             self.out.write(text + "\n")
             self.out.flush()
+
+
+def py_spy_frame(frame: str) -> str:
+    """One frame of py-spy's raw (collapsed) stacks, as ``function (file.py)``: no line, no folders."""
+    if " (" not in frame:
+        return frame
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.split(':')[0].rsplit('/', 2)[-1]})"

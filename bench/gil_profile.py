@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import TOWERS, machine_line  # noqa: E402
+from bench.common import TOWERS, machine_line, py_spy_frame  # noqa: E402
 
 THREAD_KINDS = (("watchdog", "batcher's watchdog"), ("realscore-batcher", "batcher"),
                 ("realscore-interactive", "lane threads"), ("realscore-bulk", "lane threads"),
@@ -85,8 +85,7 @@ def summarise(raw: Path, ticks: int, top: int) -> list[str]:
             continue
         count = int(count_text)
         thread, *frames = stack.split(";")
-        names = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 2)[-1] + ")"
-                 if " (" in f else f for f in frames]
+        names = [py_spy_frame(frame) for frame in frames]
         total += count
         by_kind[_thread_kind(thread)] += count
         for name in set(names):

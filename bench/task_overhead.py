@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, build, make_jpegs, percentile  # noqa: E402
+from bench.common import ROOT, build, make_jpegs, percentile, py_spy_frame  # noqa: E402
 from bench.pipeline import BenchWorker, PrivateRedis, single_image_callers  # noqa: E402
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -115,8 +115,7 @@ def print_profile(path: Path, top: int) -> None:
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         count = int(count_text)
-        frames = [frame.split(" (")[0] + " (" + frame.split(" (")[1].split(":")[0].rsplit("/", 2)[-1]
-                  if " (" in frame else frame for frame in stack.split(";")[1:]]
+        frames = [py_spy_frame(frame) for frame in stack.split(";")[1:]]
         total += count
         for frame in set(frames):
             inclusive[frame] += count
